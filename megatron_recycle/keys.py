@@ -1,0 +1,143 @@
+"""Checkpoint keys: where a tensor's layer and expert indices live.
+
+Megatron-Core addresses layers and experts in two ways, both handled here:
+- as prepended axes of a stacked global tensor (`decoder.layers.…` with the layer on axis 0,
+  `…experts.experts.…` with the expert on the next prepended axis), and
+- inside the key (`decoder.layers.{i}.…` for mixed dense/MoE or heterogeneous stacks,
+  `mtp.layers.{i}.…`, `…experts.{j}.…` for singleton local shards).
+Router weights and `expert_bias` carry experts on their first local (row) dimension.
+Optimizer state keys are the model key behind a prefix such as `optimizer.state.exp_avg.`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+_OPTIMIZER_PREFIX = re.compile(r"^(optimizer\.state\.[A-Za-z0-9_]+\.)(.*)$")
+_DECODER_INDEXED = re.compile(r"^(decoder\.layers\.)(\d+)\.")
+_EXPERT_INDEXED = re.compile(r"(\.experts\.)(\d+)\.")
+_ROUTER_ROWS = (".router.weight", ".router.expert_bias", ".router.bias")
+# Output projections of a layer: zeroing them in a layer copy makes the copy an identity.
+_OUTPUT_PROJECTIONS = re.compile(
+    r"\.(self_attention\.linear_proj|mlp\.linear_fc2|mlp\.experts\..*linear_fc2|"
+    r"mlp\.shared_experts\.linear_fc2)\.(weight|bias)(_[wv])?$"
+)
+# Parameters whose optimizer "param" entry is the fp32 master copy of the weight.
+MASTER_PARAM_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where one checkpoint key keeps its layer and expert indices."""
+
+    prefix: str  # optimizer prefix or ''
+    model_key: str  # the key without the optimizer prefix
+    decoder: bool  # in the decoder stack (depth growth applies)
+    layer_axis: Optional[int]  # prepended axis holding the layer, if stacked
+    layer_in_key: Optional[int]  # layer index written in the key, if indexed
+    expert_axis: Optional[int]  # prepended axis holding the expert
+    expert_in_key: Optional[int]  # expert index written in the key
+    expert_rows: bool  # experts on the first local dimension (router weight / bias)
+
+    @property
+    def has_layer(self) -> bool:
+        return self.layer_axis is not None or self.layer_in_key is not None
+
+    @property
+    def has_expert(self) -> bool:
+        return self.expert_axis is not None or self.expert_in_key is not None or self.expert_rows
+
+    @property
+    def is_output_projection(self) -> bool:
+        return bool(_OUTPUT_PROJECTIONS.search("." + self.model_key))
+
+    @property
+    def is_master_param(self) -> bool:
+        return self.prefix in MASTER_PARAM_PREFIXES
+
+    @property
+    def is_optimizer_moment(self) -> bool:
+        return bool(self.prefix) and not self.is_master_param
+
+    def canonical_name(self) -> str:
+        """The model key with layer/expert indices removed: the noise stream's name."""
+        name = _DECODER_INDEXED.sub(r"\1", self.model_key)
+        return _EXPERT_INDEXED.sub(r"\1", name)
+
+    def with_indices(self, layer: Optional[int], expert: Optional[int]) -> str:
+        """The full key (prefix included) with in-key layer/expert indices replaced."""
+        key = self.model_key
+        if self.layer_in_key is not None and self.decoder:
+            key = _DECODER_INDEXED.sub(lambda m: f"{m.group(1)}{layer}.", key, count=1)
+        if self.expert_in_key is not None:
+            key = _EXPERT_INDEXED.sub(lambda m: f"{m.group(1)}{expert}.", key, count=1)
+        return self.prefix + key
+
+
+def parse_key(key: str, prepend_axis_num: int) -> KeyLayout:
+    m = _OPTIMIZER_PREFIX.match(key)
+    prefix, model_key = (m.group(1), m.group(2)) if m else ("", key)
+
+    decoder = model_key.startswith("decoder.layers.")
+    layer_axis = layer_in_key = None
+    next_axis = 0
+    indexed = _DECODER_INDEXED.match(model_key)
+    if indexed:
+        layer_in_key = int(indexed.group(2))
+    elif decoder:
+        layer_axis, next_axis = 0, 1
+    expert_axis = expert_in_key = None
+    if ".experts.experts." in model_key:
+        expert_axis = next_axis
+    else:
+        em = _EXPERT_INDEXED.search(model_key)
+        if em and ".experts." in model_key and ".shared_experts." not in model_key:
+            expert_in_key = int(em.group(2))
+    if expert_axis is not None and expert_axis >= prepend_axis_num:
+        expert_axis = None  # not stacked over experts after all (unexpected layout)
+    if layer_axis is not None and layer_axis >= prepend_axis_num:
+        layer_axis = None
+    expert_rows = model_key.endswith(_ROUTER_ROWS)
+    return KeyLayout(
+        prefix=prefix,
+        model_key=model_key,
+        decoder=decoder,
+        layer_axis=layer_axis,
+        layer_in_key=layer_in_key,
+        expert_axis=expert_axis,
+        expert_in_key=expert_in_key,
+        expert_rows=expert_rows,
+    )
+
+
+def decoder_layer_count(shapes: dict[str, tuple[int, ...]]) -> Optional[int]:
+    """Number of decoder layers from checkpoint keys and global shapes."""
+    stacked = [s[0] for k, s in shapes.items() if k.startswith("decoder.layers.") and
+               not _DECODER_INDEXED.match(k) and s]
+    indexed = [int(m.group(2)) for k in shapes if (m := _DECODER_INDEXED.match(k))]
+    counts = stacked + [max(indexed) + 1] if indexed else stacked
+    return max(counts) if counts else None
+
+
+def mtp_layer_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    idx = [int(m.group(1)) for k in shapes if (m := re.match(r"^mtp\.layers\.(\d+)\.", k))]
+    return max(idx) + 1 if idx else 0
+
+
+def expert_count(shapes: dict[str, tuple[int, ...]]) -> Optional[int]:
+    """Experts per MoE layer, from router rows (which every MoE layer has)."""
+    for k, s in shapes.items():
+        if k.startswith("decoder.") and k.endswith(".router.weight"):
+            return s[-2]
+    return None
+
+
+def moe_layer_pattern(shapes: dict[str, tuple[int, ...]], num_layers: int) -> Optional[tuple[bool, ...]]:
+    """Which decoder layers are MoE, when layers are indexed in keys (mixed stacks)."""
+    routed = {int(m.group(2)) for k in shapes
+              if k.endswith(".router.weight") and (m := _DECODER_INDEXED.match(k))}
+    if not routed:
+        return None
+    return tuple(i in routed for i in range(num_layers))

@@ -1,0 +1,312 @@
+"""The growth plan: which source layer and expert every target layer and expert comes from.
+
+Pure Python (no torch, no torch.distributed): the plan is computed once from the source
+architecture and the growth options, validated against the target before a byte is read,
+and then only consulted. Everything downstream (key mapping, tensor operators, the load
+hook, the offline tools) derives from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+DEPTH_METHODS = ("interposition", "stack")
+EXPERT_PLACEMENTS = ("append", "interleave")
+TOPK_POLICIES = ("scale", "keep")
+
+
+class GrowthError(ValueError):
+    """A growth option, checkpoint or target that cannot work, with what to change."""
+
+
+@dataclass(frozen=True)
+class DepthGrowth:
+    """How layers are copied. Interposition `l1 l1 l2 l2 …`, stack `l1…ln l1…ln`."""
+
+    factor: int = 1
+    method: str = "interposition"
+    layer_map: Optional[tuple[int, ...]] = None  # explicit target → source layer, 0-based
+    skip_first: int = 0  # source layers at the start kept once, never copied
+    skip_last: int = 0
+    zero_copy_outputs: bool = False  # zero copies' output projections: exact identity
+
+    def __post_init__(self):
+        if self.layer_map is not None and not isinstance(self.layer_map, tuple):
+            object.__setattr__(self, "layer_map", tuple(self.layer_map))
+
+
+@dataclass(frozen=True)
+class WidthGrowth:
+    """How experts are copied: E → factor·E, copies get N(0, (noise_alpha·σ)²)."""
+
+    factor: int = 1
+    placement: str = "append"  # copy c of expert e is e + c·E; interleave: e·m + c
+    topk: str = "scale"  # k → m·k (exact at α = 0) or keep k
+    noise_alpha: float = 0.01
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What growth changes or must respect, read from a checkpoint or a model config."""
+
+    num_layers: int
+    num_experts: Optional[int] = None  # None: dense model
+    topk: Optional[int] = None
+    moe_layers: Optional[tuple[bool, ...]] = None  # per layer; None: every layer is MoE
+    mtp_layers: int = 0
+    router_num_groups: Optional[int] = None
+    router_group_topk: Optional[int] = None
+    score_function: str = "softmax"
+    pre_softmax: bool = False
+
+    def __post_init__(self):
+        if self.moe_layers is not None and not isinstance(self.moe_layers, tuple):
+            object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+    def moe_layer_freq(self) -> Optional[list[int]]:
+        """Megatron's `--moe-layer-freq` list form, or None when every layer is MoE."""
+        if self.moe_layers is None or all(self.moe_layers):
+            return None
+        return [int(x) for x in self.moe_layers]
+
+
+def depth_layer_map(num_layers: int, depth: DepthGrowth) -> tuple[int, ...]:
+    """Target layer index → source layer index (both 0-based)."""
+    if depth.layer_map is not None:
+        bad = [s for s in depth.layer_map if not 0 <= s < num_layers]
+        if bad:
+            raise GrowthError(
+                f"--grow-layer-map names source layer(s) {bad}, but the source has "
+                f"{num_layers} layers (0-based indices 0..{num_layers - 1})"
+            )
+        missing = sorted(set(range(num_layers)) - set(depth.layer_map))
+        if missing:
+            raise GrowthError(
+                f"--grow-layer-map leaves source layer(s) {missing} out; every source layer "
+                "must appear at least once (dropping layers is pruning, not growth)"
+            )
+        return depth.layer_map
+    if depth.factor < 1:
+        raise GrowthError(f"--grow-depth must be a positive integer, got {depth.factor}")
+    if depth.method not in DEPTH_METHODS:
+        raise GrowthError(f"--grow-depth-method must be one of {DEPTH_METHODS}, got {depth.method!r}")
+    if depth.skip_first < 0 or depth.skip_last < 0 or depth.skip_first + depth.skip_last > num_layers:
+        raise GrowthError(
+            f"--grow-skip-first {depth.skip_first} and --grow-skip-last {depth.skip_last} must be "
+            f">= 0 and leave layers to copy out of {num_layers}"
+        )
+    head = list(range(depth.skip_first))
+    body = list(range(depth.skip_first, num_layers - depth.skip_last))
+    tail = list(range(num_layers - depth.skip_last, num_layers))
+    if depth.method == "interposition":
+        grown = [s for s in body for _ in range(depth.factor)]
+    else:
+        grown = body * depth.factor
+    return tuple(head + grown + tail)
+
+
+def copy_indices(sources: Sequence[int]) -> tuple[int, ...]:
+    """For each target, how many earlier targets came from the same source (0 = original)."""
+    seen: dict[int, int] = {}
+    out = []
+    for s in sources:
+        out.append(seen.get(s, 0))
+        seen[s] = out[-1] + 1
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    source: Architecture
+    depth: DepthGrowth = field(default_factory=DepthGrowth)
+    width: WidthGrowth = field(default_factory=WidthGrowth)
+
+    def __post_init__(self):
+        w = self.width
+        if w.factor < 1:
+            raise GrowthError(f"--grow-experts must be a positive integer, got {w.factor}")
+        if w.placement not in EXPERT_PLACEMENTS:
+            raise GrowthError(
+                f"--grow-expert-placement must be one of {EXPERT_PLACEMENTS}, got {w.placement!r}"
+            )
+        if w.topk not in TOPK_POLICIES:
+            raise GrowthError(f"--grow-topk must be one of {TOPK_POLICIES}, got {w.topk!r}")
+        if not w.noise_alpha >= 0:
+            raise GrowthError(f"--grow-noise-alpha must be >= 0, got {w.noise_alpha}")
+        if w.factor > 1 and not self.source.is_moe:
+            raise GrowthError(
+                "--grow-experts needs a Mixture-of-Experts source, but the source checkpoint "
+                "has no experts (no router / experts keys and num_experts unset)"
+            )
+        self._check_groups()
+        # Derived maps, computed once (the plan is immutable).
+        layer_map = depth_layer_map(self.source.num_layers, self.depth)
+        object.__setattr__(self, "layer_map", layer_map)
+        object.__setattr__(self, "layer_copy", copy_indices(layer_map))
+
+    layer_map: tuple[int, ...] = field(init=False, repr=False)
+    layer_copy: tuple[int, ...] = field(init=False, repr=False)
+
+    # --- experts -------------------------------------------------------------------------
+    @property
+    def target_num_experts(self) -> Optional[int]:
+        if not self.source.is_moe:
+            return None
+        return self.source.num_experts * self.width.factor
+
+    def expert_source(self, target_expert: int) -> tuple[int, int]:
+        """Target expert id → (source expert id, copy index; 0 = the original)."""
+        n = self.source.num_experts
+        if self.width.placement == "append":
+            return target_expert % n, target_expert // n
+        return target_expert // self.width.factor, target_expert % self.width.factor
+
+    def expert_map(self) -> list[tuple[int, int]]:
+        return [self.expert_source(e) for e in range(self.target_num_experts or 0)]
+
+    def _check_groups(self):
+        src, w = self.source, self.width
+        groups = src.router_num_groups
+        if w.factor == 1 or not groups:
+            return
+        size = src.num_experts // groups
+        moved = [
+            e for e in range(src.num_experts * w.factor)
+            if self.expert_source(e)[0] // size != e // (size * w.factor)
+        ]
+        if moved:
+            raise GrowthError(
+                f"group-limited routing (--moe-router-num-groups {groups}) needs each copy in "
+                f"its source expert's group, but placement {w.placement!r} moves copies such as "
+                f"expert {moved[0]} out of it; use --grow-expert-placement interleave"
+            )
+
+    # --- layers ----------------------------------------------------------------------------
+    @property
+    def target_num_layers(self) -> int:
+        return len(self.layer_map)
+
+    def layer_source(self, target_layer: int) -> tuple[int, int]:
+        """Target decoder layer → (source layer, copy index; 0 = the original)."""
+        return self.layer_map[target_layer], self.layer_copy[target_layer]
+
+    @property
+    def target_topk(self) -> Optional[int]:
+        if self.source.topk is None:
+            return None
+        return self.source.topk * (self.width.factor if self.width.topk == "scale" else 1)
+
+    @property
+    def target(self) -> Architecture:
+        moe_layers = self.source.moe_layers
+        if moe_layers is not None:
+            moe_layers = tuple(moe_layers[s] for s in self.layer_map)
+        groups_topk = self.source.router_group_topk
+        return dataclasses.replace(
+            self.source,
+            num_layers=self.target_num_layers,
+            num_experts=self.target_num_experts,
+            topk=self.target_topk,
+            moe_layers=moe_layers,
+            router_group_topk=groups_topk,
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.width.factor == 1 and self.layer_map == tuple(range(self.source.num_layers))
+
+    def exactness_notes(self) -> list[str]:
+        """Why the grown model's output will differ from the source's, if it will."""
+        notes = []
+        w, src = self.width, self.source
+        if w.factor > 1:
+            if w.noise_alpha > 0:
+                notes.append(f"expert copies get noise (alpha={w.noise_alpha})")
+            if w.topk == "keep":
+                notes.append("top-k kept: each token reaches fewer distinct experts")
+            elif src.score_function == "sigmoid" and src.topk == 1:
+                notes.append("sigmoid router with top-1 source: top-k > 1 renormalises scores")
+        if any(c > 0 for c in self.layer_copy) and not self.depth.zero_copy_outputs:
+            notes.append("copied layers add their output again (use zero-init copies for identity)")
+        return notes
+
+    def check_target(
+        self,
+        num_layers: Optional[int] = None,
+        num_experts: Optional[int] = None,
+        topk: Optional[int] = None,
+        expert_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        num_layers_in_first_stage: Optional[int] = None,
+        num_layers_in_last_stage: Optional[int] = None,
+    ) -> None:
+        """Refuse a target model that does not match the plan, naming the flag to fix."""
+        want_layers = self.target_num_layers
+        if num_layers is not None and num_layers != want_layers:
+            raise GrowthError(
+                f"--num-layers {num_layers} does not match the growth plan: the source has "
+                f"{self.source.num_layers} layers and the plan makes {want_layers}; pass "
+                f"--num-layers {want_layers} or drop it"
+            )
+        want_experts = self.target_num_experts
+        if num_experts is not None and want_experts is not None and num_experts != want_experts:
+            raise GrowthError(
+                f"--num-experts {num_experts} does not match the growth plan: "
+                f"{self.source.num_experts} source experts x {self.width.factor} = {want_experts}; "
+                f"pass --num-experts {want_experts} or drop it"
+            )
+        want_topk = self.target_topk
+        if topk is not None and want_topk is not None and topk != want_topk:
+            raise GrowthError(
+                f"--moe-router-topk {topk} does not match the growth plan: source top-k "
+                f"{self.source.topk} with --grow-topk {self.width.topk} gives {want_topk}"
+            )
+        k = topk if topk is not None else want_topk
+        if k is not None and want_experts is not None and k > want_experts:
+            raise GrowthError(
+                f"--moe-router-topk {k} exceeds the {want_experts} experts after growth"
+            )
+        if want_experts is not None and want_experts % expert_parallel:
+            raise GrowthError(
+                f"--expert-model-parallel-size {expert_parallel} does not divide the "
+                f"{want_experts} experts after growth ({self.source.num_experts} x "
+                f"{self.width.factor}); pick a divisor of {want_experts}"
+            )
+        inner = want_layers - (num_layers_in_first_stage or 0) - (num_layers_in_last_stage or 0)
+        inner_stages = (
+            pipeline_parallel
+            - (num_layers_in_first_stage is not None)
+            - (num_layers_in_last_stage is not None)
+        )
+        if pipeline_parallel > 1 and inner_stages > 0 and inner % inner_stages:
+            raise GrowthError(
+                f"--pipeline-model-parallel-size {pipeline_parallel} does not split the "
+                f"{want_layers} layers after growth evenly; pick another size or set "
+                "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers"
+            )
+
+    def describe(self) -> dict:
+        """JSON-ready summary: the options, both architectures, the layer and expert maps."""
+        return {
+            "depth": dataclasses.asdict(self.depth),
+            "width": dataclasses.asdict(self.width),
+            "source": dataclasses.asdict(self.source),
+            "target": dataclasses.asdict(self.target),
+            "layer_map": list(self.layer_map),
+            "expert_map": [list(x) for x in self.expert_map()],
+        }
+
+    @classmethod
+    def from_description(cls, d: dict) -> "GrowthPlan":
+        return cls(
+            source=Architecture(**d["source"]),
+            depth=DepthGrowth(**d["depth"]),
+            width=WidthGrowth(**d["width"]),
+        )

@@ -1,0 +1,51 @@
+"""Helpers shared by the test workers (inside torchrun) and the tests (outside)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def local_shards(sharded_state_dict) -> list[tuple[str, tuple, tuple, torch.Tensor]]:
+    """This rank's main-replica shards as (key, global_shape, global_offset, tensor)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded_state_dict)
+    out = []
+    for sh in nested_values(sharded_state_dict):
+        if isinstance(sh, ShardedTensor) and not any(
+            r != 0 for r in (sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,))
+        ):
+            out.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset),
+                        sh.data.detach().clone().reshape(sh.local_shape)))
+    return out
+
+
+def assemble(shard_lists) -> dict[str, torch.Tensor]:
+    """Global tensors from the shards of every rank; each element must be written once."""
+    full, seen = {}, {}
+    for shards in shard_lists:
+        for key, shape, offset, t in shards:
+            if key not in full:
+                full[key] = torch.zeros(shape, dtype=t.dtype)
+                seen[key] = torch.zeros(shape, dtype=torch.int32)
+            idx = tuple(slice(o, o + s) for o, s in zip(offset, (1,) * (len(shape) - t.dim()) + tuple(t.shape)))
+            full[key][idx] = t.reshape(full[key][idx].shape)
+            seen[key][idx] += 1
+    for key, count in seen.items():
+        assert bool((count == 1).all()), f"{key}: shards overlap or leave holes"
+    return full
+
+
+def read_checkpoint(path) -> dict[str, torch.Tensor]:
+    """All tensors of a torch_dist checkpoint directory, loaded whole in this process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    reader = FileSystemReader(str(path))
+    md = reader.read_metadata()
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
+          for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    _load_state_dict(sd, reader, no_dist=True)
+    return sd
