@@ -49,3 +49,49 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
           for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     _load_state_dict(sd, reader, no_dist=True)
     return sd
+
+
+def save_source(spec, layout, root, iteration=1, seed=1, like=None):
+    """Build `spec` at `layout` (weights from the checkpoint `like`, if given) and save it."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_recycle import toy
+
+    toy.init_parallel(layout)
+    chunks = toy.build(spec, layout, seed=seed)
+    if like is not None:
+        state = dist_checkpointing.load({"model": toy.sharded_state_dict(chunks)}, str(like))
+        toy.load_state(chunks, state["model"])
+    toy.save_checkpoint(root, iteration, {
+        "model": toy.sharded_state_dict(chunks),
+        "args": toy.megatron_args(spec, layout),
+        "iteration": iteration,
+    })
+    return chunks
+
+
+def grow_into(spec, plan, layout, source_dir, seed=99, fully_parallel=False, strategy=None):
+    """Build the grown model at `layout` and load `source_dir` into it through the hook."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle import toy
+    from megatron_recycle.strategy import GrowthLoadStrategy
+
+    toy.init_parallel(layout)
+    chunks = toy.build(spec.grown(plan), layout, seed=seed)
+    strategy = strategy or GrowthLoadStrategy(plan)
+    if fully_parallel:
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelLoadStrategyWrapper,
+        )
+
+        strategy = FullyParallelLoadStrategyWrapper(
+            strategy, ps.get_data_parallel_group(with_context_parallel=True))
+    from megatron_recycle import cpu
+
+    with cpu.cuda_to_cpu():  # the fully parallel exchange moves shards with .cuda()
+        state = dist_checkpointing.load({"model": toy.sharded_state_dict(chunks)}, str(source_dir),
+                                        strategy)
+    toy.load_state(chunks, state["model"])
+    return chunks

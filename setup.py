@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-recycle",
+    version="0.1.0",
+    description="Grow pretrained Megatron-Core MoE checkpoints (depth x experts) at load time "
+    "into any TP/EP/PP layout, and resume pretraining.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["megatron_recycle", "megatron_recycle.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "psutil",  # dist_checkpointing's writer process
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "apex": ["apex"],
+        "demo": ["matplotlib"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["megatron-recycle=megatron_recycle.cli:main"]},
+)
