@@ -16,3 +16,36 @@ TARGETS = {
     "ep2-pp2-vpp2": (toy.Layout(ep=2, pp=2, vpp=2), False),
     "pp2-uneven": (toy.Layout(pp=2, first_stage_layers=3, last_stage_layers=5), False),
 }
+
+# function_preservation: (source spec, plan with alpha = 0, source layout, target layout).
+EXACT = WidthGrowth(2, noise_alpha=0.0)
+IDENTITY_DEPTH = DepthGrowth(2, zero_copy_outputs=True)
+_DP2, _EP2 = toy.Layout(), toy.Layout(ep=2)
+
+
+def _case(spec, depth=DepthGrowth(), width=EXACT, source=_DP2, target=_EP2):
+    return spec, GrowthPlan(spec.architecture(), depth, width), source, target
+
+
+PRESERVATION_CASES = {
+    "softmax_after_topk": _case(toy.ToySpec()),
+    "softmax_before_topk": _case(toy.ToySpec(pre_softmax=True)),
+    "sigmoid_normalized_expert_bias": _case(toy.ToySpec(score_function="sigmoid", expert_bias=True)),
+    "depth_interposition_zero_init": _case(toy.ToySpec(), IDENTITY_DEPTH, WidthGrowth()),
+    "depth_stack_and_width_shared_expert_non_glu": _case(
+        toy.ToySpec(glu=False, shared_expert=16),
+        DepthGrowth(2, method="stack", zero_copy_outputs=True)),
+    "mixed_dense_moe": _case(toy.ToySpec(moe_layer_freq=(1, 0, 1, 0)), IDENTITY_DEPTH),
+    "group_limited_interleave": _case(
+        toy.ToySpec(router_groups=2, router_group_topk=1),
+        width=WidthGrowth(2, placement="interleave", noise_alpha=0.0)),
+    "mtp_layer": _case(toy.ToySpec(mtp_layers=1), IDENTITY_DEPTH),
+    "skip_first_last_layer_map": _case(
+        toy.ToySpec(), DepthGrowth(2, skip_first=1, skip_last=1, zero_copy_outputs=True)),
+}
+
+# Controls: the same comparison must see these change the output.
+CHANGING_CASES = {
+    "noise_alpha_0.01": _case(toy.ToySpec(), width=WidthGrowth(2, noise_alpha=0.01)),
+    "depth_copies_not_zeroed": _case(toy.ToySpec(), DepthGrowth(2), WidthGrowth()),
+}
