@@ -1,0 +1,132 @@
+"""The growth plan alone: pure Python, no ranks."""
+
+import pytest
+
+from megatron_recycle.plan import (
+    Architecture,
+    DepthGrowth,
+    GrowthError,
+    GrowthPlan,
+    WidthGrowth,
+)
+
+MOE = Architecture(num_layers=4, num_experts=4, topk=2)
+
+
+def test_interposition_copies_each_layer_in_place():
+    plan = GrowthPlan(MOE, DepthGrowth(3))
+    assert plan.layer_map == (0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3)
+    assert plan.layer_copy == (0, 1, 2) * 4
+
+
+def test_stack_repeats_the_whole_stack():
+    plan = GrowthPlan(MOE, DepthGrowth(2, method="stack"))
+    assert plan.layer_map == (0, 1, 2, 3, 0, 1, 2, 3)
+    assert plan.layer_copy == (0, 0, 0, 0, 1, 1, 1, 1)
+
+
+def test_skip_first_and_last_keep_those_layers_once():
+    plan = GrowthPlan(MOE, DepthGrowth(2, skip_first=1, skip_last=1))
+    assert plan.layer_map == (0, 1, 1, 2, 2, 3)
+    stacked = GrowthPlan(MOE, DepthGrowth(2, method="stack", skip_first=1, skip_last=1))
+    assert stacked.layer_map == (0, 1, 2, 1, 2, 3)
+
+
+def test_explicit_layer_map_allows_non_integer_growth():
+    src = Architecture(num_layers=24, num_experts=8, topk=2)
+    layer_map = tuple(s for s in range(24) for _ in range(2 if s % 2 == 0 else 1))
+    plan = GrowthPlan(src, DepthGrowth(layer_map=layer_map))
+    assert plan.target_num_layers == 36
+    assert plan.layer_source(1) == (0, 1) and plan.layer_source(2) == (1, 0)
+
+
+@pytest.mark.parametrize("layer_map, message", [
+    ((0, 1, 2, 4), "names source layer"),
+    ((0, 1, 1, 2), "leaves source layer"),
+])
+def test_bad_layer_map_names_the_flag(layer_map, message):
+    with pytest.raises(GrowthError, match=f"--grow-layer-map {message}"):
+        GrowthPlan(MOE, DepthGrowth(layer_map=layer_map))
+
+
+def test_append_places_copies_after_all_originals():
+    plan = GrowthPlan(MOE, width=WidthGrowth(3))
+    assert plan.target_num_experts == 12
+    assert plan.expert_map()[:8] == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 1)]
+
+
+def test_interleave_places_copies_next_to_their_source():
+    plan = GrowthPlan(MOE, width=WidthGrowth(2, placement="interleave"))
+    assert plan.expert_map() == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+
+
+def test_topk_scales_or_is_kept():
+    assert GrowthPlan(MOE, width=WidthGrowth(2)).target_topk == 4
+    assert GrowthPlan(MOE, width=WidthGrowth(2, topk="keep")).target_topk == 2
+
+
+def test_group_limited_routing_refuses_copies_leaving_their_group():
+    grouped = Architecture(num_layers=2, num_experts=8, topk=4, router_num_groups=4, router_group_topk=2)
+    with pytest.raises(GrowthError, match="--grow-expert-placement interleave"):
+        GrowthPlan(grouped, width=WidthGrowth(2))
+    plan = GrowthPlan(grouped, width=WidthGrowth(2, placement="interleave"))
+    size = 16 // 4
+    assert all(plan.expert_source(e)[0] // 2 == e // size for e in range(16))
+
+
+def test_mixed_dense_moe_pattern_follows_the_layer_map():
+    mixed = Architecture(num_layers=4, num_experts=4, topk=2, moe_layers=(True, False, True, False))
+    assert GrowthPlan(mixed, DepthGrowth(2)).target.moe_layer_freq() == [1, 1, 0, 0, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(num_layers=6), "--num-layers 6 does not match"),
+    (dict(num_experts=12), "--num-experts 12 does not match"),
+    (dict(topk=3), "--moe-router-topk 3 does not match"),
+    (dict(expert_parallel=3), "--expert-model-parallel-size 3 does not divide"),
+    (dict(pipeline_parallel=3), "--pipeline-model-parallel-size 3"),
+])
+def test_target_mismatch_names_the_flag(kwargs, flag):
+    plan = GrowthPlan(MOE, DepthGrowth(2), WidthGrowth(2))
+    with pytest.raises(GrowthError, match=flag):
+        plan.check_target(**kwargs)
+
+
+def test_topk_above_the_grown_expert_count_is_refused():
+    unknown_topk = Architecture(num_layers=2, num_experts=2)  # no args in common.pt
+    plan = GrowthPlan(unknown_topk, width=WidthGrowth(2))
+    with pytest.raises(GrowthError, match="exceeds the 4 experts"):
+        plan.check_target(topk=5)
+
+
+def test_matching_target_passes():
+    plan = GrowthPlan(MOE, DepthGrowth(2), WidthGrowth(2))
+    plan.check_target(num_layers=8, num_experts=8, topk=4, expert_parallel=8, pipeline_parallel=4)
+
+
+@pytest.mark.parametrize("width, flag", [
+    (WidthGrowth(0), "--grow-experts"),
+    (WidthGrowth(2, placement="random"), "--grow-expert-placement"),
+    (WidthGrowth(2, topk="double"), "--grow-topk"),
+    (WidthGrowth(2, noise_alpha=-1.0), "--grow-noise-alpha"),
+])
+def test_bad_width_options_name_the_flag(width, flag):
+    with pytest.raises(GrowthError, match=flag):
+        GrowthPlan(MOE, width=width)
+
+
+def test_width_growth_of_a_dense_model_is_refused():
+    with pytest.raises(GrowthError, match="needs a Mixture-of-Experts source"):
+        GrowthPlan(Architecture(num_layers=4), width=WidthGrowth(2))
+
+
+def test_plan_round_trips_through_its_description():
+    plan = GrowthPlan(MOE, DepthGrowth(2, skip_first=1), WidthGrowth(2, placement="interleave", seed=5))
+    again = GrowthPlan.from_description(plan.describe())
+    assert again == plan and again.layer_map == plan.layer_map
+
+
+def test_exactness_notes_explain_what_changes_the_output():
+    assert GrowthPlan(MOE, DepthGrowth(2, zero_copy_outputs=True), WidthGrowth(2, noise_alpha=0)).exactness_notes() == []
+    notes = GrowthPlan(MOE, DepthGrowth(2), WidthGrowth(2)).exactness_notes()
+    assert any("noise" in n for n in notes) and any("zero-init" in n for n in notes)
