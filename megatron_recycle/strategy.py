@@ -27,6 +27,7 @@ from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
 
 logger = logging.getLogger(__name__)
 MOMENT_POLICIES = ("copy", "zero")
+DP_RESHARDABLE_PREFIX = "optimizer.distributed."  # the distributed optimizer's opaque buckets
 
 
 class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
@@ -100,6 +101,13 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         fills = _Fills()
         objects, object_requests = [], {}
         for sh in items:
+            if sh.key.startswith(DP_RESHARDABLE_PREFIX) and not plan.is_identity:
+                raise GrowthError(
+                    f"the optimizer state requested ({sh.key}) is in the dp_reshardable format: "
+                    "opaque per-DP-rank buckets that cannot be remapped to new layers and "
+                    "experts. Grow without it (--grow-optimizer reset, a fresh optimizer), or "
+                    "save the base checkpoint with --dist-ckpt-optim-fully-reshardable"
+                )
             if isinstance(sh, ShardedObject):
                 key, shape, offset = map_object(plan, sh.key, sh.global_shape, sh.global_offset)
                 src = ShardedObject(key, None, shape, offset, replica_id=0)

@@ -95,3 +95,16 @@ def grow_into(spec, plan, layout, source_dir, seed=99, fully_parallel=False, str
                                         strategy)
     toy.load_state(chunks, state["model"])
     return chunks
+
+
+def tree_digest(root) -> str:
+    """One hash over every file name and byte under `root` (to prove a checkpoint unchanged)."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()

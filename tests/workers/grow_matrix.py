@@ -17,6 +17,9 @@ from scenarios import PLAN, SOURCES, SPEC, TARGETS
 def main(out):
     rank, _ = _boot.init()
     ckpt_tools.save_source(SPEC, SOURCES["s1"], f"{out}/s1", iteration=5)
+    if rank == 0:
+        with open(f"{out}/s1.sha256", "w") as f:
+            f.write(ckpt_tools.tree_digest(f"{out}/s1"))
     ckpt_tools.save_source(SPEC, SOURCES["s2"], f"{out}/s2", iteration=5, like=f"{out}/s1/iter_0000005")
     for src in SOURCES:
         for name, (layout, fully_parallel) in TARGETS.items():
