@@ -27,6 +27,9 @@ class Unit:
     def shape(self) -> tuple[int, ...]:
         return self.global_shape[len(self.index):]
 
+    def whole(self) -> "Region":
+        return Region(self, (0,) * len(self.shape), self.shape)
+
 
 @dataclass(frozen=True)
 class Region:
@@ -35,10 +38,6 @@ class Region:
     unit: Unit
     offset: tuple[int, ...]
     shape: tuple[int, ...]
-
-    @property
-    def is_whole_unit(self) -> bool:
-        return self.shape == self.unit.shape and not any(self.offset)
 
 
 @dataclass(frozen=True)

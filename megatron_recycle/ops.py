@@ -40,8 +40,7 @@ def region_view(buffers: dict[Region, torch.Tensor], region: Region) -> torch.Te
     """The data of `region`, from its own read or from a read of its whole unit."""
     if region in buffers:
         return buffers[region]
-    whole = Region(region.unit, (0,) * len(region.unit.shape), region.unit.shape)
-    return buffers[whole][box(region.offset, region.shape)]
+    return buffers[region.unit.whole()][box(region.offset, region.shape)]
 
 
 def fill_shard(
@@ -66,8 +65,11 @@ def fill_shard(
 
 def _with_noise(data, noise: Noise, sigma_of, alpha: float, seed: int) -> torch.Tensor:
     scale = alpha * sigma_of(noise.sigma_unit)
-    out = data.float()  # noise is added in fp32 whatever the storage dtype (same for weights
-    out = out.clone() if out.data_ptr() == data.data_ptr() else out  # and fp32 main params)
+    # In fp32 whatever the storage dtype, so a bf16 weight and its fp32 main param get the
+    # same noise.
+    out = data.float()
+    if out.data_ptr() == data.data_ptr():
+        out = out.clone()
     for expert, row in noise.experts:
         full = unit_noise(seed, noise.name, noise.layer, expert, noise.unit_shape)
         if row < 0:

@@ -82,8 +82,7 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
 
         def sigma_of(unit: Unit) -> float:
             if unit not in sigmas:
-                whole = Region(unit, (0,) * len(unit.shape), unit.shape)
-                sigmas[unit] = ops.sigma(ops.region_view(buffers, whole))
+                sigmas[unit] = ops.sigma(ops.region_view(buffers, unit.whole()))
             return sigmas[unit]
 
         plan = self.plan
@@ -124,6 +123,8 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         request = {name: sh for name, sh in fills.passthrough}
         request.update({name: src for name, src in object_requests.values()})
         request.update(fills.requests())
+        logger.info("growth: %d target shards from %d source regions (%d passed through)",
+                    len(fills.items), len(fills.regions), len(fills.passthrough))
         return request, fills, objects
 
 
@@ -147,7 +148,7 @@ class _Fills:
         for sh, fill in self.items:
             region = fill.region
             if region.unit in sigma_units:
-                region = Region(region.unit, (0,) * len(region.unit.shape), region.unit.shape)
+                region = region.unit.whole()
             plain = (fill.rows is None and not fill.zero and fill.noise is None
                      and region == fill.region and sh.data.is_contiguous())
             if regions.get(region) is None and plain:
@@ -156,9 +157,8 @@ class _Fills:
                 regions.setdefault(region, None)
             dtypes.setdefault(region, sh.data.dtype)
         for unit in sigma_units:
-            whole = Region(unit, (0,) * len(unit.shape), unit.shape)
-            regions.setdefault(whole, None)
-            dtypes.setdefault(whole, torch.float32)
+            regions.setdefault(unit.whole(), None)
+            dtypes.setdefault(unit.whole(), torch.float32)
         self.regions = list(regions)
         return {f"r{i}": _region_tensor(r, regions[r], dtypes[r]) for i, r in enumerate(self.regions)}
 
