@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,8 @@ from . import keys
 from .plan import Architecture, GrowthError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's dp_reshardable format: opaque per-DP-rank buckets.
+DP_RESHARDABLE_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.distributed\.")
 PROVENANCE_KEY = "megatron_recycle"  # in common.pt: how this checkpoint was grown
 
 
@@ -115,7 +118,7 @@ class CheckpointInfo:
             return sharding
         if any(k.startswith("optimizer.state.fp32_param.") for k in self.shapes):
             return "non_distributed"
-        if any(k.startswith("optimizer.distributed.") for k in self.shapes):
+        if any(DP_RESHARDABLE_KEY.match(k) for k in self.shapes):
             return "dp_reshardable"
         if any(k.startswith("optimizer.state.param.") for k in self.shapes):
             return "fully_reshardable"

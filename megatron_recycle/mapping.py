@@ -59,6 +59,7 @@ class Fill:
     region: Region
     rows: Optional[tuple[int, ...]] = None  # router: source row for each local target row
     zero: bool = False  # zeroed output projection / moments of a copy
+    zero_rows: tuple[int, ...] = ()  # router moments: the local rows that are copies
     noise: Optional[Noise] = None
 
 
@@ -134,23 +135,25 @@ def map_shard(
         )
     region = Region(unit, offset, shape)
 
-    is_copy = layer_copy > 0 or expert_copy > 0 or (
-        rows is not None and any(plan.expert_source(r)[1] for r in target_rows))
+    copy_rows = () if rows is None else tuple(
+        i for i, r in enumerate(target_rows) if plan.expert_source(r)[1] > 0)
+    zero_moments = lay.is_optimizer_moment and moment_policy == "zero"
     zero = (
         (plan.depth.zero_copy_outputs and layer_copy > 0 and lay.decoder and lay.is_output_projection)
-        or (lay.is_optimizer_moment and moment_policy == "zero" and is_copy)
+        or (zero_moments and (layer_copy > 0 or expert_copy > 0))
     )
+    zero_rows = copy_rows if zero_moments and not zero else ()
     noise = None
     wants_noise = plan.width.noise_alpha > 0 and not zero and not lay.is_optimizer_moment
-    if wants_noise and rows is not None:
-        copies = tuple((r, i) for i, r in enumerate(target_rows) if plan.expert_source(r)[1] > 0)
+    if wants_noise and copy_rows:
+        copies = tuple((target_rows[i], i) for i in copy_rows)
         if copies:
             noise = Noise(lay.canonical_name(), layer_t, copies, tuple(global_shape[p + 1:]),
                           tuple(global_offset[p + 1:]), _sigma_unit(lay, unit, source_shapes))
     elif wants_noise and expert_copy > 0:
         noise = Noise(lay.canonical_name(), layer_t, ((expert_t, -1),), tuple(global_shape[p:]),
                       tuple(global_offset[p:]), _sigma_unit(lay, unit, source_shapes))
-    return Fill(region=region, rows=rows, zero=zero, noise=noise)
+    return Fill(region=region, rows=rows, zero=zero, zero_rows=zero_rows, noise=noise)
 
 
 def map_object(plan: GrowthPlan, key: str, global_shape, global_offset) -> tuple[str, tuple, tuple]:

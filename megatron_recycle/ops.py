@@ -56,6 +56,8 @@ def fill_shard(
         target.zero_()
         return
     data = source if fill.rows is None else source.index_select(0, torch.tensor(fill.rows))
+    if fill.zero_rows:
+        data[list(fill.zero_rows)] = 0  # a fresh tensor from index_select: safe to write
     if fill.noise is None:
         if target.data_ptr() != data.data_ptr():
             target.copy_(data)

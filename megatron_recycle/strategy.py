@@ -21,13 +21,13 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
 from . import keys, ops
-from .checkpoint import CheckpointInfo
+from .checkpoint import DP_RESHARDABLE_KEY, CheckpointInfo
 from .mapping import Fill, Region, Unit, map_object, map_shard
 from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
+from .resume import load_moment_policy
 
 logger = logging.getLogger(__name__)
 MOMENT_POLICIES = ("copy", "zero")
-DP_RESHARDABLE_PREFIX = "optimizer.distributed."  # the distributed optimizer's opaque buckets
 
 
 class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
@@ -87,9 +87,9 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
 
         plan = self.plan
         for sh, fill in fills.items:
-            ops.fill_shard(sh.data, fill, ops.region_view(buffers, fill.region), sigma_of,
+            ops.fill_shard(_local(sh), fill, ops.region_view(buffers, fill.region), sigma_of,
                            plan.width.noise_alpha, plan.width.seed)
-        results = {id(sh): sh.data for sh, _ in fills.items}
+        results = {id(sh): _local(sh) for sh, _ in fills.items}
         results.update({id(sh): loaded[name] for name, sh in fills.passthrough})
         results.update({id(sh): loaded[name] for sh, name in objects})
         return dict_list_map_outplace(lambda v: results.get(id(v), v), sharded_state_dict)
@@ -100,13 +100,8 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         fills = _Fills()
         objects, object_requests = [], {}
         for sh in items:
-            if sh.key.startswith(DP_RESHARDABLE_PREFIX) and not plan.is_identity:
-                raise GrowthError(
-                    f"the optimizer state requested ({sh.key}) is in the dp_reshardable format: "
-                    "opaque per-DP-rank buckets that cannot be remapped to new layers and "
-                    "experts. Grow without it (--grow-optimizer reset, a fresh optimizer), or "
-                    "save the base checkpoint with --dist-ckpt-optim-fully-reshardable"
-                )
+            if DP_RESHARDABLE_KEY.match(sh.key) and not plan.is_identity:
+                load_moment_policy(self.moment_policy, "dp_reshardable")  # raises, saying what to do
             if isinstance(sh, ShardedObject):
                 key, shape, offset = map_object(plan, sh.key, sh.global_shape, sh.global_offset)
                 src = ShardedObject(key, None, shape, offset, replica_id=0)
@@ -152,7 +147,7 @@ class _Fills:
             plain = (fill.rows is None and not fill.zero and fill.noise is None
                      and region == fill.region and sh.data.is_contiguous())
             if regions.get(region) is None and plain:
-                regions[region] = sh.data
+                regions[region] = _local(sh)
             else:
                 regions.setdefault(region, None)
             dtypes.setdefault(region, sh.data.dtype)
@@ -161,6 +156,12 @@ class _Fills:
             dtypes.setdefault(unit.whole(), torch.float32)
         self.regions = list(regions)
         return {f"r{i}": _region_tensor(r, regions[r], dtypes[r]) for i, r in enumerate(self.regions)}
+
+
+def _local(sh: ShardedTensor) -> torch.Tensor:
+    """The shard's data in its local shape (a previous torch_dist load leaves it viewed with
+    the prepended axes as leading 1s)."""
+    return sh.data.view(sh.local_shape)
 
 
 def _region_tensor(region: Region, data: Optional[torch.Tensor], dtype) -> ShardedTensor:
