@@ -107,6 +107,7 @@ def install() -> bool:
 
     torch.Tensor.type = tensor_type
     _patch_alltoall_split_sizes()
+    patch_torch_adam_fallback()
     _INSTALLED = True
     return True
 
@@ -131,6 +132,46 @@ def _patch_alltoall_split_sizes():
     moe_utils.maybe_move_tensor_to_cpu = to_numpy_too
     if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
         token_dispatcher.maybe_move_tensor_to_cpu = to_numpy_too
+
+
+def patch_torch_adam_fallback() -> bool:
+    """Fix the distributed optimizer's load path when it runs torch AdamW (no apex / TE),
+    as it always does on CPU. Returns True if patched; a no-op with apex or TE.
+
+    megatron-core 0.16.1 (any device) copies every per-param state key on a
+    fully_reshardable load, but that format leaves `step` out: KeyError 'step'. And its
+    load gives all params one shared `step` tensor, which torch AdamW increments once per
+    param per iteration: silently wrong bias correction.
+    """
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    cls = do.DistributedOptimizer
+    if do.HAVE_APEX_OR_TE or getattr(cls, "_recycle_adam_patched", False):
+        return False
+    set_states, load_state_dict = cls._set_main_param_and_optimizer_states, cls.load_state_dict
+
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors:  # `step` is set from the param groups by load_state_dict
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].pop("step", None)
+            try:
+                return set_states(self, model_param, tensors)
+            finally:
+                if step is not None:
+                    self.optimizer.state[main_param]["step"] = step
+        return set_states(self, model_param, tensors)
+
+    def load_state_dict_with_own_steps(self, state_dict):
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+    cls.load_state_dict = load_state_dict_with_own_steps
+    cls._recycle_adam_patched = True
+    return True
 
 
 @contextlib.contextmanager
