@@ -26,3 +26,16 @@ def finish():
     dist.barrier()
     dist.destroy_process_group()
     multiprocessing.util._exit_function()
+
+
+def report(path, obj, every_rank=True):
+    """Write `obj` as JSON from rank 0: a list with every rank's, or rank 0's alone."""
+    import json
+
+    if every_rank:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        obj = gathered
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)

@@ -4,13 +4,11 @@ Usage: torchrun --nproc-per-node 2 bad_input.py OUT   → OUT/errors.json: case 
 """
 
 import dataclasses
-import json
 import sys
 
 import _boot
 
 import torch
-import torch.distributed as dist
 
 import ckpt_tools
 from megatron_recycle import toy
@@ -32,7 +30,7 @@ CASES = {
 
 
 def main(out):
-    rank, _ = _boot.init()
+    _boot.init()
     ckpt_tools.save_source(SPEC, toy.Layout(), f"{out}/src")
     errors = {}
     for name, (target, layout) in CASES.items():
@@ -49,11 +47,7 @@ def main(out):
             errors[name] = str(e)
         untouched = all(torch.equal(a, b) for a, b in zip(before, chunks[0].parameters()))
         errors[f"{name}/weights_untouched"] = untouched
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, errors)
-    if rank == 0:
-        with open(f"{out}/errors.json", "w") as f:
-            json.dump(gathered, f, indent=1)
+    _boot.report(f"{out}/errors.json", errors)
     _boot.finish()
 
 

@@ -4,7 +4,6 @@ Usage: torchrun --nproc-per-node 2 function_preservation.py OUT
 Writes OUT/results.json: case → max |grown - source| / max |source| over the logits.
 """
 
-import json
 import sys
 
 import _boot
@@ -50,7 +49,7 @@ def mtp_deviation(chunks, plan, source_dir):
 
 
 def main(out):
-    rank, _ = _boot.init()
+    _boot.init()
     results = {}
     for name, (spec, plan, source_layout, target_layout) in {**PRESERVATION_CASES, **CHANGING_CASES}.items():
         root = f"{out}/{name}"
@@ -62,9 +61,7 @@ def main(out):
         results[name] = float((grown - source).abs().max() / source.abs().max())
         if spec.mtp_layers:
             results[f"{name}/mtp_tensors"] = mtp_deviation(chunks, plan, f"{root}/iter_0000001")
-    if rank == 0:
-        with open(f"{out}/results.json", "w") as f:
-            json.dump(results, f, indent=1)
+    _boot.report(f"{out}/results.json", results, every_rank=False)
     _boot.finish()
 
 

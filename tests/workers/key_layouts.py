@@ -7,7 +7,6 @@ sharded another (rank splits experts), then compared with the plan written out h
 Usage: torchrun --nproc-per-node 2 key_layouts.py OUT   → OUT/report.json
 """
 
-import json
 import sys
 import zlib
 
@@ -125,11 +124,7 @@ def main(out):
     for name, want in expected.items():
         got = loaded[name]
         report[name] = bool(torch.equal(got, want)) if torch.is_tensor(want) else got == want
-    gathered = [None] * world
-    dist.all_gather_object(gathered, report)
-    if rank == 0:
-        with open(f"{out}/report.json", "w") as f:
-            json.dump(gathered, f, indent=1)
+    _boot.report(f"{out}/report.json", report)
     _boot.finish()
 
 
