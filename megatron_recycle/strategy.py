@@ -44,7 +44,8 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         if plan is not None and (depth is not None or width is not None):
             raise GrowthError("give either a GrowthPlan or depth/width options, not both")
         if moment_policy not in MOMENT_POLICIES:
-            raise GrowthError(f"--grow-optimizer-copies must be one of {MOMENT_POLICIES}")
+            raise GrowthError(f"moment_policy must be one of {MOMENT_POLICIES} (--grow-optimizer "
+                              "reset means: do not load the optimizer)")
         self.plan = plan
         self.depth = depth or DepthGrowth()
         self.width = width or WidthGrowth()

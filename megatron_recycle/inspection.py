@@ -1,0 +1,90 @@
+"""`inspect`: what a checkpoint holds, from its metadata and common.pt (no tensor is read)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from . import cost
+from .checkpoint import CheckpointInfo
+
+_MLA = re.compile(r"\.linear_(kv|q)_down_proj\.")
+
+
+def attention_kind(shapes, args) -> str:
+    if any(_MLA.search(k) for k in shapes):
+        return "MLA"
+    groups = getattr(args, "num_query_groups", None)
+    heads = getattr(args, "num_attention_heads", None)
+    if getattr(args, "group_query_attention", False) and groups and heads and groups < heads:
+        return "MQA" if groups == 1 else f"GQA ({groups} groups)"
+    return "MHA"
+
+
+def key_layout(shapes) -> str:
+    decoder = [k for k in shapes if k.startswith("decoder.layers.")]
+    layers = "indexed in keys" if any(re.match(r"decoder\.layers\.\d+\.", k) for k in decoder) else "stacked"
+    experts = ("stacked" if any(".experts.experts." in k for k in decoder)
+               else "indexed in keys" if any(re.search(r"\.experts\.\d+\.", k) for k in decoder) else None)
+    return f"layers {layers}" + (f", experts {experts}" if experts else "")
+
+
+def summarize(path, step=None) -> dict:
+    info = CheckpointInfo.read(path, step, "CKPT")
+    arch = info.architecture()
+    model = info.model_shapes()
+    args = info.args
+    counts = cost.count_params(model, arch.topk, arch.num_experts)
+    pattern = "".join("M" if m else "D" for m in (arch.moe_layers or [arch.is_moe] * arch.num_layers))
+    embedding = model.get("embedding.word_embeddings.weight")
+    provenance = info.provenance
+    return {
+        "path": str(info.path),
+        "iteration": info.iteration,
+        "architecture": dataclasses.asdict(arch),
+        "hidden_size": getattr(args, "hidden_size", None) or (embedding[-1] if embedding else None),
+        "attention": attention_kind(model, args),
+        "layer_pattern": pattern,
+        "key_layout": key_layout(model),
+        "params": counts.total,
+        "active_params": counts.active,
+        "expert_params": counts.experts,
+        "optimizer_format": info.optimizer_format,
+        "checkpoint_bytes": sum(
+            math.prod(s) * info.dtypes[k].itemsize for k, s in info.shapes.items()),
+        "provenance": None if provenance is None else {
+            k: provenance.get(k) for k in ("source", "iteration", "seed", "version", "optimizer")
+        } | {"layer_map": provenance["plan"]["layer_map"], "width": provenance["plan"]["width"],
+             "depth": provenance["plan"]["depth"]},
+    }
+
+
+def table(s: dict) -> str:
+    a = s["architecture"]
+    rows = [
+        ("checkpoint", s["path"]),
+        ("iteration", s["iteration"]),
+        ("layers", f"{a['num_layers']} ({s['layer_pattern']}; M = MoE, D = dense)"),
+        ("experts / top-k", f"{a['num_experts']} / {a['topk']}" if a["num_experts"] else "dense"),
+        ("router", f"{a['score_function']}" + (", pre-softmax" if a["pre_softmax"] else "")
+         + (f", {a['router_num_groups']} groups top-{a['router_group_topk']}" if a["router_num_groups"] else "")),
+        ("hidden size", s["hidden_size"]),
+        ("attention", s["attention"]),
+        ("MTP layers", a["mtp_layers"]),
+        ("key layout", s["key_layout"]),
+        ("parameters", cost.human(s["params"])),
+        ("active parameters / token", cost.human(s["active_params"])),
+        ("optimizer state", s["optimizer_format"] or "none"),
+        ("checkpoint size", cost.human(s["checkpoint_bytes"], "B")),
+    ]
+    p = s["provenance"]
+    if p is None:
+        rows.append(("grown by megatron-recycle", "no"))
+    else:
+        rows += [("grown from", f"{p['source']} (iteration {p['iteration']})"),
+                 ("growth", f"depth {p['depth']}, width {p['width']}"),
+                 ("layer map", " ".join(map(str, p["layer_map"]))),
+                 ("grown with", f"megatron-recycle {p['version']}, optimizer {p['optimizer']}")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:{width}}  {value}" for name, value in rows)

@@ -1,0 +1,207 @@
+"""The offline tools (`megatron-recycle grow | verify | inspect | plan`) on real torch_dist checkpoints."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckpt_tools
+from scenarios import PLAN
+
+GROW_FLAGS = ["--grow-depth", "2", "--grow-experts", "2", "--grow-noise-alpha", "0.01", "--grow-seed", "7"]
+
+
+def cli(*args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "megatron_recycle.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"megatron-recycle {args[0]} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def tree_digest(root):
+    h = hashlib.sha256()
+    for dirpath, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def grown(ranks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("offline")
+    ranks("offline_roundtrip.py", 2, "source", out)
+    before = tree_digest(out / "src")
+    proc = cli("grow", "--load", out / "src", "--save", out / "dst", *GROW_FLAGS,
+               "--workers", 2, "--batch-size-mb", 0.05)
+    return out, before, proc.stderr
+
+
+def test_plain_megatron_core_loads_exactly_what_the_load_hook_gives(ranks, grown):
+    out, _, _ = grown
+    ranks("offline_roundtrip.py", 2, "compare", out / "src" / "iter_0000005", out / "dst" / "iter_0000005", out)
+    counts = __import__("json").loads((out / "compare.json").read_text())
+    assert set(counts) == {"ep2", "tp2", "pp2"} and min(counts.values()) > 100, counts
+
+
+def test_source_is_byte_identical_and_progress_is_shown(grown):
+    out, before, log = grown
+    assert tree_digest(out / "src") == before
+    assert "batch 1/" in log and "wrote" in log
+    assert not [p for p in out.iterdir() if p.name.startswith(".dst.")]  # no staging left
+
+
+def test_common_pt_describes_the_grown_model_and_its_provenance(grown):
+    out, _, _ = grown
+    assert (out / "dst" / "latest_checkpointed_iteration.txt").read_text() == "5"
+    common = torch.load(out / "dst" / "iter_0000005" / "common.pt", weights_only=False)
+    args = common["args"]
+    assert (args.num_layers, args.num_experts, args.moe_router_topk) == (8, 8, 4)
+    prov = common["megatron_recycle"]
+    assert prov["plan"] == PLAN.describe()
+    assert prov["iteration"] == 5 and prov["seed"] == 7 and prov["optimizer"] == "grown"
+    assert prov["source"] == str((out / "src" / "iter_0000005").resolve())
+
+
+def test_one_worker_and_big_batches_write_the_same_tensors(grown):
+    out, _, _ = grown
+    cli("grow", "--load", out / "src", "--save", out / "dst1", *GROW_FLAGS)
+    a = ckpt_tools.read_checkpoint(out / "dst" / "iter_0000005")
+    b = ckpt_tools.read_checkpoint(out / "dst1" / "iter_0000005")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("optimizer.state.exp_avg.decoder.layers.mlp.experts") for k in a)
+
+
+def test_verify_passes_on_a_good_grow(grown):
+    out, _, _ = grown
+    proc = cli("verify", "--source", out / "src", "--grown", out / "dst")
+    assert "verify: OK" in proc.stdout and "noisy copies" in proc.stdout
+
+
+def test_verify_fails_on_one_altered_tensor(grown):
+    out, _, _ = grown
+    from torch.distributed.checkpoint import save
+
+    src_dir, bad = out / "dst" / "iter_0000005", out / "altered" / "iter_0000005"
+    tensors = ckpt_tools.read_checkpoint(src_dir)
+    tensors["decoder.layers.self_attention.linear_proj.weight"][3, 1, 2] += 1e-3
+    save(tensors, checkpoint_id=str(bad), no_dist=True)
+    for name in ("common.pt", "metadata.json"):
+        shutil.copy(src_dir / name, bad / name)
+    (out / "altered" / "latest_checkpointed_iteration.txt").write_text("5")
+    proc = cli("verify", "--source", out / "src", "--grown", out / "altered", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED: 1 mismatch" in proc.stdout
+    assert "decoder.layers.self_attention.linear_proj.weight at (3, 0, 0)" in proc.stdout
+
+
+def test_mixed_dense_moe_with_a_layer_map_grows_and_verifies(grown):
+    out, _, _ = grown
+    cli("grow", "--load", out / "src-mixed", "--save", out / "mixed", "--grow-layer-map", "0,1,1,2,3,3",
+        "--grow-experts", "2", "--grow-expert-placement", "interleave", "--grow-noise-alpha", "0")
+    args = torch.load(out / "mixed" / "iter_0000003" / "common.pt", weights_only=False)["args"]
+    assert (args.num_layers, args.num_experts, args.moe_layer_freq) == (6, 8, [1, 0, 0, 1, 0, 0])
+    assert "verify: OK" in cli("verify", "--source", out / "src-mixed", "--grown", out / "mixed").stdout
+    tensors = ckpt_tools.read_checkpoint(out / "mixed" / "iter_0000003")
+    source = ckpt_tools.read_checkpoint(out / "src-mixed" / "iter_0000003")
+    key = "decoder.layers.{}.mlp.experts.experts.linear_fc2.weight"
+    assert torch.equal(tensors[key.format(3)][5], source[key.format(2)][2])  # layer 3 <- 2, expert 5 <- 2
+
+
+def test_bad_options_and_existing_destination_write_nothing(grown):
+    out, _, _ = grown
+    proc = cli("grow", "--load", out / "src", "--save", out / "never", "--grow-layer-map", "0,1", check=False)
+    assert proc.returncode == 2 and "--grow-layer-map leaves source layer(s) [2, 3] out" in proc.stderr
+    proc = cli("grow", "--load", out / "nowhere", "--save", out / "never", check=False)
+    assert proc.returncode == 2 and "--load" in proc.stderr and "no such directory" in proc.stderr
+    proc = cli("grow", "--load", out / "src", "--save", out / "dst", check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    proc = cli("grow", "--load", out / "src", "--save", out / "src" / "inside", "--overwrite", check=False)
+    assert proc.returncode == 2 and "overlaps the source" in proc.stderr
+    assert not (out / "never").exists() and not (out / "src" / "inside").exists()
+
+
+def test_killed_grow_leaves_no_loadable_destination(grown):
+    out, before, _ = grown
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_recycle.cli", "grow", "--load", out / "src",
+                             "--save", out / "killed", *GROW_FLAGS, "--batch-size-mb", "0.001"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:
+        if "grow: batch 20/" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "grow finished before it could be interrupted"
+    assert not (out / "killed").exists()
+    staging = [p for p in out.iterdir() if p.name.startswith(".killed.partial-")]
+    assert staging and not any((p / "latest_checkpointed_iteration.txt").exists() for p in staging)
+    assert not any((p / "iter_0000005" / ".metadata").exists() for p in staging)
+    assert tree_digest(out / "src") == before
+
+
+# --- inspect / plan: numbers against counts written out by hand ---------------------------------
+def hand_params(spec, layers, experts, topk):
+    """(total, active, routed-expert) parameters of a toy GPT-MoE, from its sizes."""
+    h, f, fe, s, v = spec.hidden, spec.ffn, spec.moe_ffn, spec.shared_expert, spec.vocab
+    attention = 2 * h + 3 * h * h + h * h  # fused pre-norm (weight, bias), QKV, output projection
+    routed = experts * (2 * fe * h + fe * h)  # GLU fc1 + fc2 per expert
+    moe = 2 * h + experts * h + routed + 3 * s * h  # pre-norm, router, experts, shared expert
+    dense = 2 * h + 2 * f * h + f * h
+    pattern = spec.moe_layer_freq or (1,) * spec.num_layers
+    moe_layers = sum(pattern) * layers // spec.num_layers
+    total = layers * attention + moe_layers * moe + (layers - moe_layers) * dense + 2 * v * h + 2 * h
+    return total, total - moe_layers * routed * (experts - topk) // experts, moe_layers * routed
+
+
+def test_inspect_counts_match_hand_counts_for_two_configs(grown):
+    import json
+
+    from scenarios import SPEC
+    from workers.offline_specs import MIXED
+
+    out, _, _ = grown
+    for path, spec, pattern, layout in ((out / "src", SPEC, "MMMM", "layers stacked, experts stacked"),
+                                        (out / "src-mixed", MIXED, "MDMD", "layers indexed in keys, experts stacked")):
+        s = json.loads(cli("inspect", path, "--json").stdout)
+        assert (s["params"], s["active_params"], s["expert_params"]) == hand_params(
+            spec, spec.num_layers, spec.experts, spec.topk)
+        assert (s["layer_pattern"], s["key_layout"], s["attention"]) == (pattern, layout, "MHA")
+        assert s["architecture"]["num_experts"] == spec.experts and s["provenance"] is None
+    assert json.loads(cli("inspect", path, "--json").stdout)["optimizer_format"] is None
+    s = json.loads(cli("inspect", out / "dst", "--json").stdout)
+    assert s["optimizer_format"] == "fully_reshardable" and s["provenance"]["layer_map"] == list(PLAN.layer_map)
+    assert "grown from" in cli("inspect", out / "dst").stdout
+
+
+def test_plan_before_after_match_hand_counts(grown):
+    import json
+
+    from scenarios import SPEC
+
+    out, _, _ = grown
+    r = json.loads(cli("plan", "--load", out / "src", *GROW_FLAGS, "--ep", 2, "--gpus", 4, "--json").stdout)
+    for side, (layers, experts, topk) in (("before", (4, 4, 2)), ("after", (8, 8, 4))):
+        total, active, routed = hand_params(SPEC, layers, experts, topk)
+        assert (r[side]["params"], r[side]["active_params"]) == (total, active)
+        attention_flops = 12 * layers * SPEC.seq * SPEC.hidden
+        assert r[side]["train_flops_per_token"] == 6 * (active - SPEC.vocab * SPEC.hidden) + attention_flops
+        dense = total - routed
+        assert r[side]["gpu_weight_bytes"] == 2 * (dense + routed // 2)  # experts split over EP 2
+        assert r[side]["gpu_train_bytes"] == dense * (6 + 12 / 4) + routed // 2 * (6 + 12 / 2)  # DP 4, EDP 2
+    grown_bytes = sum(t.numel() * t.element_size()
+                      for t in ckpt_tools.read_checkpoint(out / "dst" / "iter_0000005").values())
+    assert r["after"]["checkpoint_bytes"] == grown_bytes
+    assert r["layer_map"] == list(PLAN.layer_map) and r["expert_map"] == [list(x) for x in PLAN.expert_map()]
+    proc = cli("plan", "--load", out / "src", *GROW_FLAGS, "--ep", 3, check=False)
+    assert proc.returncode == 2 and "--expert-model-parallel-size 3" in proc.stderr
