@@ -423,6 +423,7 @@ def init_distributed() -> None:
         cpu.install()
         dist.init_process_group("gloo")
     cpu.patch_torch_adam_fallback()  # megatron-core's torch-AdamW load bugs hit GPUs too
+    cpu.patch_torch_norm_sequence_parallel()  # MoE at TP > 1 needs SP; without apex, GPUs too
 
 
 def setup(args) -> Run:

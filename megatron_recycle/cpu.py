@@ -3,12 +3,15 @@
 megatron-core assumes CUDA in a handful of places that are not about the math: device
 placement, RNG tracker forks, CUDA streams in the alltoall dispatcher, `param.type()` string
 checks in the optimizer. `install()` patches exactly those, once per process, and is a no-op
-when CUDA is available. Nothing here changes numerics.
+when CUDA is available. It also applies the two patches that megatron-core without apex or TE
+needs on any device, which GPU callers apply themselves: `patch_torch_adam_fallback()` and
+`patch_torch_norm_sequence_parallel()`. Nothing here changes numerics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 
 import torch
@@ -108,6 +111,7 @@ def install() -> bool:
     torch.Tensor.type = tensor_type
     _patch_alltoall_split_sizes()
     patch_torch_adam_fallback()
+    patch_torch_norm_sequence_parallel()
     _INSTALLED = True
     return True
 
@@ -171,6 +175,35 @@ def patch_torch_adam_fallback() -> bool:
     cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
     cls.load_state_dict = load_state_dict_with_own_steps
     cls._recycle_adam_patched = True
+    return True
+
+
+def patch_torch_norm_sequence_parallel() -> bool:
+    """Let megatron-core's torch norm run under sequence parallelism, which MoE at TP > 1 needs.
+
+    That norm is the local spec's without apex or TE, on any device. Returns True if patched.
+    Under sequence parallelism each TP rank normalises its own slice of the sequence: the same
+    math, so the norm is built as without it. Only its weights' grads change, each rank holding
+    its tokens' share: the params are marked `sequence_parallel`, as apex's FusedLayerNorm and
+    TENorm mark theirs, so `finalize_model_grads` sums their grads across the TP group.
+    """
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if getattr(WrappedTorchNorm, "_recycle_sp_patched", False):
+        return False
+    build = WrappedTorchNorm.__new__  # returns a torch.nn.LayerNorm / RMSNorm, not a wrapper
+
+    def build_sequence_parallel(cls, config, *args, **kwargs):
+        without_sp = copy.copy(config)  # shallow: no __post_init__, only the flag differs
+        without_sp.sequence_parallel = False
+        norm = build(cls, without_sp, *args, **kwargs)
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+    # Patched in place: the specs hold the class itself (`LNImpl = WrappedTorchNorm`).
+    WrappedTorchNorm.__new__ = staticmethod(build_sequence_parallel)
+    WrappedTorchNorm._recycle_sp_patched = True
     return True
 
 

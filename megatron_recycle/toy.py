@@ -109,7 +109,8 @@ def config(spec: ToySpec, layout: Layout):
         virtual_pipeline_model_parallel_size=layout.vpp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
-        sequence_parallel=False,  # the local spec's torch norm refuses it (CPU)
+        # MoE trains at TP > 1 only with it (torch norm: cpu.patch_torch_norm_sequence_parallel)
+        sequence_parallel=layout.tp > 1 and bool(spec.experts),
         num_layers_in_first_pipeline_stage=layout.first_stage_layers,
         num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         pipeline_dtype=spec.dtype,
