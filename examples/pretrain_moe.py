@@ -14,7 +14,7 @@ NCCL on GPU. Checkpoints have Megatron-LM's layout and common state (`args` with
 
 `--grow-from` loads a checkpoint of a smaller model through `GrowthLoadStrategy`: the model
 and (policy `copy` / `zero`) the optimizer state are grown into this run's layout; the
-iteration, consumed samples and LR schedule continue unless `--grow-rewarmup-steps` is set.
+iteration, consumed samples and LR schedule continue unless `--grow-rewarmup-iters` is set.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from corpus import VOCAB_SIZE, ByteCorpus  # noqa: E402
 
 from megatron_recycle import cpu, toy  # noqa: E402
 from megatron_recycle.checkpoint import CheckpointInfo  # noqa: E402
-from megatron_recycle.plan import DepthGrowth, GrowthPlan, WidthGrowth  # noqa: E402
+from megatron_recycle.options import add_growth_args, growth_from_args  # noqa: E402
+from megatron_recycle.plan import GrowthPlan  # noqa: E402
 from megatron_recycle.resume import Progress, load_moment_policy, schedule_after_growth  # noqa: E402
 
 # How the optimizer's sharded state is requested and saved: model-space tensors (growable,
@@ -101,19 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--save-interval", type=int, default=None, help="default: at the end only")
     c.add_argument("--load", type=Path, default=None, help="resume a checkpoint of this model")
 
-    g = p.add_argument_group("growth at load time (megatron_recycle)")
-    g.add_argument("--grow-from", type=Path, default=None, help="checkpoint of the smaller model")
-    g.add_argument("--grow-depth", type=int, default=1)
-    g.add_argument("--grow-depth-method", default="interposition", choices=["interposition", "stack"])
-    g.add_argument("--grow-experts", type=int, default=1)
-    g.add_argument("--grow-noise-alpha", type=float, default=0.01)
-    g.add_argument("--grow-seed", type=int, default=1234)
-    g.add_argument("--grow-optimizer", default="copy", choices=["copy", "zero", "reset"],
-                   help="copy the source's optimizer state by the growth mapping; zero: the "
-                        "same with zero moments for copies; reset: a fresh optimizer")
-    g.add_argument("--grow-rewarmup-steps", type=int, default=0,
-                   help="restart the LR schedule at growth with this many warm-up steps "
-                        "(0: iteration and schedule continue from the source)")
+    p.add_argument("--grow-from", type=Path, default=None,
+                   help="grow this checkpoint of a smaller model at load time (--grow-* options)")
+    add_growth_args(p)
     args = p.parse_args(argv)
     if args.load and args.grow_from:
         p.error("--load resumes the same model, --grow-from grows a smaller one: give one")
@@ -392,7 +383,7 @@ def grow(run: Run, info: CheckpointInfo, plan: GrowthPlan) -> None:
     loaded = dist_checkpointing.load(request, str(info.path), strategy)
     _apply_loaded(run, request, loaded, info.common)
     source = Progress.from_common(info.common)
-    schedule = schedule_after_growth(source, a.grow_rewarmup_steps, run.samples_per_step)
+    schedule = schedule_after_growth(source, a.grow_rewarmup_iters, run.samples_per_step)
     if schedule is not None:
         run.scheduler.load_state_dict(schedule)
     run.progress = dataclasses.replace(source, scheduler=schedule)
@@ -431,10 +422,8 @@ def setup(args) -> Run:
     layout = layout_from(args)
     if args.grow_from:
         info = CheckpointInfo.read(args.grow_from, flag="--grow-from")
-        plan = GrowthPlan(info.architecture(),
-                          DepthGrowth(args.grow_depth, args.grow_depth_method),
-                          WidthGrowth(args.grow_experts, noise_alpha=args.grow_noise_alpha,
-                                      seed=args.grow_seed))
+        depth, width, _ = growth_from_args(args)
+        plan = GrowthPlan(info.architecture(), depth, width)
         spec = spec_from(info.args).grown(plan)
         plan.check_target(expert_parallel=layout.ep, pipeline_parallel=layout.pp)
         run = build_run(args, spec, layout)

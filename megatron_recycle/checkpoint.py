@@ -110,19 +110,19 @@ class CheckpointInfo:
 
     @property
     def optimizer_format(self) -> Optional[str]:
-        """'fully_reshardable', 'dp_reshardable', 'non_distributed' or None (no optimizer)."""
-        has_state = any(k.startswith("optimizer.") for k in self.shapes)
-        meta = self.common.get("content_metadata") or {}
-        sharding = meta.get("distrib_optim_sharding_type")
+        """'fully_reshardable', 'dp_reshardable', 'non_distributed' (model-space state of
+        the plain optimizer), another sharding type Megatron recorded, or None (no state)."""
+        state = [k for k in self.shapes if k.startswith("optimizer.")]
+        sharding = (self.common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
         if sharding:
             return sharding
-        if any(k.startswith("optimizer.state.fp32_param.") for k in self.shapes):
-            return "non_distributed"
         if any(DP_RESHARDABLE_KEY.match(k) for k in self.shapes):
             return "dp_reshardable"
-        if any(k.startswith("optimizer.state.param.") for k in self.shapes):
+        if any(k.startswith("optimizer.state.param.") for k in state):
             return "fully_reshardable"
-        return "unknown" if has_state else None
+        if state:  # fp32_param master copies (bf16 runs) or, in fp32, the moments alone
+            return "non_distributed"
+        return None
 
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: s for k, s in self.shapes.items() if not k.startswith("optimizer.")}

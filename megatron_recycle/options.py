@@ -58,6 +58,9 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="copy: grow the optimizer state with the weights (copies get their "
                         "source's Adam moments); zero: the same, but copies' moments start at "
                         "zero; reset: a fresh optimizer (default: %(default)s)")
+    g.add_argument("--grow-rewarmup-iters", type=int, default=0, metavar="N",
+                   help="training runs: restart the LR schedule at growth with an N-iteration "
+                        "warm-up (default 0: iteration and schedule continue from the source)")
     return parser
 
 
@@ -69,6 +72,8 @@ def growth_from_args(args: argparse.Namespace) -> tuple[DepthGrowth, WidthGrowth
             "--grow-layer-map gives every target layer explicitly; drop --grow-depth, "
             "--grow-skip-first and --grow-skip-last, or drop --grow-layer-map"
         )
+    if args.grow_rewarmup_iters < 0:
+        raise GrowthError(f"--grow-rewarmup-iters must be >= 0, got {args.grow_rewarmup_iters}")
     depth = DepthGrowth(
         factor=args.grow_depth,
         method=args.grow_depth_method,

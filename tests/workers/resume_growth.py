@@ -45,7 +45,7 @@ def main(out):
     except GrowthError as e:
         (out / "refusal.txt").write_text(str(e))
     run(out, "reset", *PP2, "--grow-from", str(out / "dp_base"), *GROW, "--grow-optimizer",
-        "reset", "--grow-rewarmup-steps", "2", "--train-iters", "2")
+        "reset", "--grow-rewarmup-iters", "2", "--train-iters", "2")
     _boot.finish()
 
 

@@ -1,0 +1,185 @@
+"""The Megatron-LM adapter's argument handling: flags, derived target sizes, grow vs resume
+(requeue), and the errors raised before any model exists. Runs without Megatron-LM: the
+checkpoints are real torch_dist ones saved by megatron-core."""
+
+import argparse
+import shutil
+
+import pytest
+import torch
+
+from megatron_recycle import megatron_lm
+from megatron_recycle.plan import GrowthError
+
+
+def megatron_parser() -> argparse.ArgumentParser:
+    """The Megatron-LM arguments the adapter reads, with Megatron-LM's defaults."""
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    for flag in ("--num-layers", "--num-experts", "--ckpt-step", "--decoder-first-pipeline-num-layers",
+                 "--decoder-last-pipeline-num-layers"):
+        p.add_argument(flag, type=int, default=None)
+    p.add_argument("--moe-router-topk", type=int, default=2)
+    p.add_argument("--moe-layer-freq", default=1)
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                 "--expert-model-parallel-size"):
+        p.add_argument(flag, type=int, default=1)
+    p.add_argument("--load")
+    p.add_argument("--save")
+    p.add_argument("--ckpt-format", default="torch_dist")
+    for flag in ("--no-load-optim", "--no-load-rng"):
+        p.add_argument(flag, action="store_true", default=None)
+    for flag in ("--use-checkpoint-args", "--finetune", "--use-distributed-optimizer",
+                 "--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"):
+        p.add_argument(flag, action="store_true")
+    return megatron_lm.add_arguments(p)
+
+
+def parse(argv):
+    parser = megatron_parser()
+    args = parser.parse_args(argv)
+    return args, megatron_lm.explicit_dests(args, parser)
+
+
+def configure(argv):
+    args, explicit = parse(argv)
+    return args, megatron_lm.configure(args, explicit)
+
+
+@pytest.fixture(scope="module")
+def ckpts(ranks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mlm")
+    ranks("megatron_lm_checkpoints.py", 1, out)
+    return out
+
+
+def grow(ckpts, *extra, optimizer="reset"):
+    return ["--load", str(ckpts / "base"), "--grow-depth", "2", "--grow-experts", "2",
+            "--grow-optimizer", optimizer, *extra]
+
+
+def test_no_growth_flags_change_nothing(ckpts):
+    args, decision = configure(["--load", str(ckpts / "base"), "--num-layers", "4"])
+    assert decision is None and args.num_layers == 4 and args.no_load_rng is None
+
+
+def test_factors_set_the_target_sizes_from_the_checkpoint(ckpts):
+    args, decision = configure(grow(ckpts))
+    assert decision.grow
+    assert (args.num_layers, args.num_experts, args.moe_router_topk) == (8, 8, 4)
+    assert args.no_load_rng and args.no_load_optim and args.override_opt_param_scheduler
+    assert args.load == str(ckpts / "base")
+    assert decision.provenance["source"]["iteration"] == 5
+    assert decision.provenance["plan"]["layer_map"] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_base_run_sizes_are_replaced_and_target_sizes_accepted(ckpts):
+    base, _ = configure(grow(ckpts, "--num-layers", "4", "--num-experts", "4", "--moe-router-topk", "2"))
+    target, _ = configure(grow(ckpts, "--num-layers", "8", "--num-experts", "8", "--moe-router-topk", "4"))
+    assert (base.num_layers, base.num_experts, base.moe_router_topk) == (8, 8, 4)
+    assert (target.num_layers, target.num_experts, target.moe_router_topk) == (8, 8, 4)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--num-layers", "6"], "--num-layers 8"),
+    (["--num-experts", "12"], "--num-experts 8"),
+    (["--moe-router-topk", "3"], "--moe-router-topk 3"),
+    (["--expert-model-parallel-size", "3"], "--expert-model-parallel-size 3"),
+    (["--pipeline-model-parallel-size", "3"], "--pipeline-model-parallel-size 3"),
+    (["--use-checkpoint-args"], "--use-checkpoint-args"),
+    (["--ckpt-format", "torch"], "--ckpt-format torch_dist"),
+    (["--ckpt-step", "99"], "--ckpt-step 99"),
+    (["--grow-layer-map", "0,1,2,3"], "--grow-layer-map gives every target layer explicitly"),
+])
+def test_sizes_or_layouts_that_do_not_fit_are_refused_naming_the_flag(ckpts, extra, flag):
+    with pytest.raises(GrowthError, match=flag):
+        configure(grow(ckpts, *extra))
+
+
+def test_topk_keep_explicit_layer_map_and_stack(ckpts):
+    keep, _ = configure(grow(ckpts, "--grow-topk", "keep"))
+    assert keep.moe_router_topk == 2
+    mapped, decision = configure(["--load", str(ckpts / "base"), "--grow-layer-map", "0,0,1,2,3,3",
+                                  "--grow-optimizer", "reset"])
+    assert mapped.num_layers == 6 and mapped.num_experts == 4
+    stack, decision = configure(grow(ckpts, "--grow-depth-method", "stack"))
+    assert decision.plan.layer_map == (0, 1, 2, 3, 0, 1, 2, 3)
+
+
+def test_load_that_is_not_a_torch_dist_checkpoint(ckpts, tmp_path):
+    legacy = tmp_path / "legacy"
+    (legacy / "iter_0000003" / "mp_rank_00").mkdir(parents=True)
+    (legacy / "latest_checkpointed_iteration.txt").write_text("3")
+    with pytest.raises(GrowthError, match="not a distributed .torch_dist. checkpoint"):
+        configure(["--load", str(legacy), "--grow-depth", "2"])
+    with pytest.raises(GrowthError, match="no such directory"):
+        configure(["--load", str(tmp_path / "missing"), "--grow-depth", "2"])
+    with pytest.raises(GrowthError, match="needs --load"):
+        configure(["--grow-depth", "2"])
+
+
+def test_optimizer_copy_needs_growable_state(ckpts):
+    with pytest.raises(GrowthError, match="holds no optimizer state.*use --grow-optimizer reset"):
+        configure(grow(ckpts, optimizer="copy"))
+    dp = ["--load", str(ckpts / "base_dp"), "--grow-experts", "2"]
+    with pytest.raises(GrowthError, match="--grow-optimizer reset.*--dist-ckpt-optim-fully-reshardable"):
+        configure(dp + ["--use-distributed-optimizer"])
+    args, _ = configure(dp + ["--grow-optimizer", "reset"])
+    assert args.no_load_optim
+
+
+def test_requeue_resumes_the_grown_checkpoint_in_save(ckpts):
+    args, decision = configure(grow(ckpts, "--save", str(ckpts / "grown"), "--num-layers", "4"))
+    assert not decision.grow
+    assert args.load == str(ckpts / "grown") and args.ckpt_step is None
+    assert (args.num_layers, args.num_experts, args.moe_router_topk) == (8, 8, 4)
+    assert decision.checkpoint.iteration == 7
+    assert decision.provenance["source"]["path"].endswith("iter_0000005")
+
+
+def test_requeue_with_the_grown_checkpoint_as_load(ckpts, tmp_path):
+    """Growth in place (--save = --load): the tracker now points at the grown iteration."""
+    root = tmp_path / "inplace"
+    shutil.copytree(ckpts / "base", root)
+    args, decision = configure(["--load", str(root), "--save", str(root), "--grow-depth", "2",
+                                "--grow-experts", "2", "--grow-optimizer", "reset"])
+    assert decision.grow
+    shutil.copytree(ckpts / "grown" / "iter_0000007", root / "iter_0000007")
+    common = torch.load(root / "iter_0000007" / "common.pt", weights_only=False)
+    common["megatron_recycle"]["source"]["load"] = decision.provenance["source"]["load"]
+    torch.save(common, root / "iter_0000007" / "common.pt")
+    (root / "latest_checkpointed_iteration.txt").write_text("7")
+    args, decision = configure(["--load", str(root), "--save", str(root), "--grow-depth", "2",
+                                "--grow-experts", "2", "--grow-optimizer", "reset"])
+    assert not decision.grow and args.num_layers == 8
+
+
+def test_save_holding_another_checkpoint_is_refused(ckpts):
+    with pytest.raises(GrowthError, match="--save .* already holds a checkpoint"):
+        configure(grow(ckpts, "--save", str(ckpts / "grown"), "--grow-experts", "4"))
+
+
+def test_schedule_continues_or_rewarms(ckpts):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    def scheduler():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+        return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=3e-4, min_lr=3e-4, lr_warmup_steps=0,
+                                       lr_decay_steps=1000, lr_decay_style="constant", start_wd=0.0,
+                                       end_wd=0.0, wd_incr_steps=1000, wd_incr_style="constant",
+                                       override_opt_param_scheduler=True,
+                                       use_checkpoint_opt_param_scheduler=False)
+
+    args, decision = configure(grow(ckpts))
+    args.global_batch_size = 4
+    decision.checkpoint.common["opt_param_scheduler"] = dict(scheduler().state_dict(), num_steps=40)
+    continued = scheduler()
+    megatron_lm.apply_schedule_policy(continued, decision, args)
+    assert continued.num_steps == 40 and continued.get_lr(continued.optimizer.param_groups[0]) == 3e-4
+
+    args, decision = configure(grow(ckpts, "--grow-rewarmup-iters", "10"))
+    args.global_batch_size = 4
+    rewarmed = scheduler()
+    megatron_lm.apply_schedule_policy(rewarmed, decision, args)
+    assert rewarmed.num_steps == 0
+    rewarmed.step(5 * 4)
+    assert rewarmed.optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)

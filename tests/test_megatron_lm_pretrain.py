@@ -1,0 +1,131 @@
+"""The stock Megatron-LM `pretrain_gpt.py` through the launcher, on CPU/gloo with mock data:
+a base run, a grown run in another layout (EP2), and the same grown command requeued.
+
+Needs a Megatron-LM checkout named by MEGATRON_LM_PATH (CI cannot fetch it), its Python deps
+(six, regex, yaml, pydantic) and pybind11 for its dataset helpers; skipped otherwise.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckpt_tools
+from conftest import REPO, TESTS, _free_port
+from megatron_recycle.checkpoint import CheckpointInfo
+from megatron_recycle.plan import GrowthPlan
+
+MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
+MISSING = [m for m in ("six", "regex", "yaml", "pydantic", "pybind11") if importlib.util.find_spec(m) is None]
+pytestmark = [
+    pytest.mark.skipif(not MEGATRON_LM, reason="MEGATRON_LM_PATH (a Megatron-LM checkout) is not set"),
+    pytest.mark.skipif(bool(MISSING), reason=f"Megatron-LM needs {MISSING}"),
+]
+EXT = sysconfig.get_config_var("EXT_SUFFIX")
+TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 "
+        "--seq-length 16 --max-position-embeddings 16 --micro-batch-size 2 --min-lr 0 "
+        "--lr-decay-style constant --mock-data --tokenizer-type NullTokenizer --vocab-size 64 "
+        "--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 16 "
+        "--moe-token-dispatcher-type allgather --moe-aux-loss-coeff 0 --distributed-backend gloo "
+        "--transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion "
+        "--no-bias-gelu-fusion --no-bias-dropout-fusion --no-bias-swiglu-fusion --no-rope-fusion "
+        "--no-persist-layer-norm --normalization RMSNorm --position-embedding-type rope --swiglu "
+        "--disable-bias-linear --use-cpu-initialization --eval-iters 0 --eval-interval 1000 "
+        "--log-interval 1 --ckpt-format torch_dist").split()
+
+
+@pytest.fixture(scope="module")
+def megatron_lm():
+    """The checkout, with its dataset helpers built for this interpreter (Megatron-LM would
+    run `make` with whatever `python3` is first on PATH)."""
+    root = Path(MEGATRON_LM)
+    datasets = root / "megatron" / "core" / "datasets"
+    includes = subprocess.run([sys.executable, "-m", "pybind11", "--includes"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    subprocess.run(["make", "-C", str(datasets), f"LIBEXT={EXT}", f"CPPFLAGS={includes}"],
+                   check=True, capture_output=True)
+    return root
+
+
+def launch(megatron_lm, nproc, *args, check=True):
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", MAKEFLAGS=f"LIBEXT={EXT}",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={_free_port()}", "-m", "megatron_recycle.launch",
+           str(megatron_lm / "pretrain_gpt.py"), *TINY, *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        pytest.fail(f"pretrain_gpt.py failed (rc {proc.returncode}):\n{out[-12000:]}")
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def runs(megatron_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    base, grown = out / "base", out / "grown"
+    logs = {"base": launch(megatron_lm, 1, "--lr", "1e-3", "--global-batch-size", 2,
+                           "--train-iters", 2, "--save-interval", 2, "--save", base)[1]}
+    # lr 0 after growth: weights stay exactly as loaded, so the saved ones show the growth.
+    grown_cmd = ["--lr", "0", "--global-batch-size", 4, "--train-iters", 4, "--save-interval", 4,
+                 "--load", base, "--save", grown,
+                 "--expert-model-parallel-size", 2, "--grow-depth", 2, "--grow-experts", 2,
+                 "--grow-optimizer", "reset"]
+    logs["grown"] = launch(megatron_lm, 2, *grown_cmd)[1]
+    logs["requeued"] = launch(megatron_lm, 2, *grown_cmd)[1]
+    return out, logs
+
+
+def test_grown_run_loads_the_base_grown_and_keeps_training(runs):
+    out, logs = runs
+    assert "loading distributed checkpoint from" in logs["grown"]
+    assert "growth: " in logs["grown"]  # the strategy's summary: growth happened in this run
+    assert "iteration        4/       4 | consumed samples:           12" in logs["grown"]
+    info = CheckpointInfo.read(out / "grown")
+    assert info.iteration == 4
+    arch = info.architecture()
+    assert (arch.num_layers, arch.num_experts, arch.topk) == (4, 8, 4)
+    prov = info.provenance
+    assert prov["source"]["path"] == os.path.realpath(out / "base" / "iter_0000002")
+    assert prov["version"] and prov["plan"]["width"]["noise_alpha"] == 0.01
+
+    plan = GrowthPlan.from_description(prov["plan"])
+    base = ckpt_tools.read_checkpoint(out / "base" / "iter_0000002")
+    grown = ckpt_tools.read_checkpoint(out / "grown" / "iter_0000004")
+    layers = list(plan.layer_map)
+    n_source_experts = plan.source.num_experts
+    for key, src in base.items():
+        if key.startswith("optimizer.") or not key.startswith("decoder.layers."):
+            continue
+        t = grown[key]
+        if ".experts." in key or key.endswith("router.weight"):
+            assert torch.equal(t[:, :n_source_experts], src[layers]), key  # originals exact
+            copies = t[:, n_source_experts:] - src[layers]
+            assert 0 < copies.abs().max() < 0.1 * src.abs().max(), key  # copies: small noise
+        else:
+            assert torch.equal(t, src[layers]), key
+
+
+def test_requeued_run_resumes_the_grown_checkpoint_without_growing_again(runs):
+    out, logs = runs
+    log = logs["requeued"]
+    assert "growth: " not in log
+    assert "already grown" in log
+    assert f"loading distributed checkpoint from {out / 'grown'} at iteration 4" in log
+    assert "megatron_recycle.strategy" not in log
+    assert CheckpointInfo.read(out / "grown").iteration == 4
+    assert CheckpointInfo.read(out / "base").iteration == 2  # the source untouched
+
+
+def test_bad_input_fails_before_any_model_is_built(megatron_lm, runs):
+    out, _ = runs
+    rc, log = launch(megatron_lm, 1, "--lr", "0", "--global-batch-size", 2, "--train-iters", 2,
+                     "--load", out / "base", "--ckpt-step", 9, "--grow-depth", 2, check=False)
+    assert rc != 0
+    assert "megatron-recycle: error: --ckpt-step 9" in log
+    assert "building GPT model" not in log

@@ -1,0 +1,41 @@
+"""Checkpoints for the Megatron-LM adapter tests: a base, the same with a dp_reshardable
+optimizer tag, and a grown one carrying the provenance the adapter records.
+
+Usage: torchrun --nproc-per-node 1 megatron_lm_checkpoints.py OUT
+"""
+
+import sys
+
+import _boot
+
+from megatron_recycle import megatron_lm, toy
+from megatron_recycle.checkpoint import PROVENANCE_KEY
+
+SPEC = toy.ToySpec(num_layers=4, experts=4, topk=2)
+
+
+def save(spec, root, iteration, **common):
+    layout = toy.Layout()
+    toy.init_parallel(layout)
+    chunks = toy.build(spec, layout)
+    toy.save_checkpoint(root, iteration, {"model": toy.sharded_state_dict(chunks),
+                                          "args": toy.megatron_args(spec, layout),
+                                          "iteration": iteration, **common})
+
+
+def main(out):
+    _boot.init()
+    save(SPEC, f"{out}/base", 5)
+    save(SPEC, f"{out}/base_dp", 5,
+         content_metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    from test_megatron_lm import parse  # the tests' own argument parsing
+
+    args, explicit = parse(["--load", f"{out}/base", "--grow-depth", "2", "--grow-experts", "2",
+                            "--grow-optimizer", "reset"])
+    decision = megatron_lm.configure(args, explicit)
+    save(SPEC.grown(decision.plan), f"{out}/grown", 7, **{PROVENANCE_KEY: decision.provenance})
+    _boot.finish()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
