@@ -58,24 +58,29 @@ def fill_shard(
     data = source if fill.rows is None else source.index_select(0, torch.tensor(fill.rows))
     if fill.zero_rows:
         data[list(fill.zero_rows)] = 0  # a fresh tensor from index_select: safe to write
-    if fill.noise is None:
+    if fill.noise is None or target.dtype == torch.float32:
         if target.data_ptr() != data.data_ptr():
             target.copy_(data)
+        if fill.noise is not None:
+            _add_noise(target, fill.noise, sigma_of, alpha, seed)
         return
-    target.copy_(_with_noise(data, fill.noise, sigma_of, alpha, seed))
-
-
-def _with_noise(data, noise: Noise, sigma_of, alpha: float, seed: int) -> torch.Tensor:
-    scale = alpha * sigma_of(noise.sigma_unit)
     # In fp32 whatever the storage dtype, so a bf16 weight and its fp32 main param get the
     # same noise.
     out = data.float()
-    if out.data_ptr() == data.data_ptr():
-        out = out.clone()
+    _add_noise(out, fill.noise, sigma_of, alpha, seed)
+    target.copy_(out)
+
+
+def _add_noise(out: torch.Tensor, noise: Noise, sigma_of, alpha: float, seed: int) -> None:
+    """out += α·σ·(the shard's slice of each copy's full noise), in place, fp32.
+
+    Multiply, then add, as two operations: a fused multiply-add could round differently
+    depending on where a shard's slice starts, and the result must not depend on sharding.
+    """
+    scale = alpha * sigma_of(noise.sigma_unit)
     for expert, row in noise.experts:
         full = unit_noise(seed, noise.name, noise.layer, expert, noise.unit_shape)
         if row < 0:
             out += scale * full[box(noise.offset, out.shape)]
         else:
             out[row] += scale * full[box(noise.offset, out.shape[1:])]
-    return out.to(data.dtype)

@@ -12,6 +12,8 @@ LAYOUTS = [
     "decoder.layers.mlp.router.expert_bias",
     "decoder.layers.5.mlp.experts.7.linear_fc1.weight_w",  # singleton experts, GLU split
     "decoder.layers.5.self_attention.linear_proj.weight",  # layers indexed in keys
+    "optimizer.state.fp32_param.decoder.layers.mlp.experts",  # non-distributed optimizer
+    "optimizer.state.exp_avg.decoder.layers.mlp.experts",
 ]
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,9 @@ STACKED = {  # key → per-layer shape (experts first where keyed by expert)
 EXPERT_STACKED = {
     "decoder.layers.mlp.experts.experts.linear_fc1.weight": (2 * F, H),
     "decoder.layers.mlp.experts.experts.linear_fc2.weight": (H, F),
+    # the non-distributed optimizer's model-space state (bf16 runs keep fp32 master copies)
+    "optimizer.state.fp32_param.decoder.layers.mlp.experts.experts.linear_fc2.weight": (H, F),
+    "optimizer.state.exp_avg.decoder.layers.mlp.experts.experts.linear_fc2.weight": (H, F),
 }
 INDEXED = {  # mixed stacks / singleton local shards: indices in keys
     "decoder.layers.{l}.mlp.experts.{e}.linear_fc1.weight_w": (F, H),
@@ -86,7 +89,7 @@ def state(num_layers, num_experts, rank, world, split_experts):
                 sd[f"{key}@{layer}.{e}"] = ShardedTensor.from_rank_offsets(
                     key, full[src, e % E].clone(), *axes, prepend_axis_num=2,
                     replica_id=0 if split_experts else rank)
-            if rank == 0:
+            if rank == 0 and not key.startswith("optimizer."):
                 obj_key = key.rsplit(".", 1)[0] + "._extra_state"
                 for e in range(num_experts):
                     sd[f"{obj_key}@{layer}.{e}"] = ShardedObject(
