@@ -18,7 +18,7 @@ class MoEShape:
     moe_ffn: int
 
     def per_layer(self) -> dict[str, tuple[int, ...]]:
-        h, f = self.hidden, self.moe_ffn
+        h = self.hidden
         return {
             "decoder.layers.self_attention.linear_qkv.weight": (3 * h, h),
             "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (h,),
