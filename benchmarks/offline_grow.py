@@ -38,7 +38,10 @@ def measure(gb: float, repeats: int, workers: list[int], workdir: Path) -> dict:
     work = Path(tempfile.mkdtemp(dir=workdir))
     try:
         launch(2, "--phase", "source", "--gb", gb, "--work", work)
-        source = work / "source"
+        source = work / "src" / "iter_0000001"  # a Megatron checkpoint root around it
+        source.parent.mkdir()
+        (work / "source").rename(source)
+        (source.parent / "latest_checkpointed_iteration.txt").write_text("1")
         times = {f"grow_w{w}": [] for w in workers} | {"copy": []}
         rss = {}
         for _ in range(repeats):

@@ -339,6 +339,15 @@ def check_destination(source_dir: Path, dest: Path, overwrite: bool) -> None:
         raise GrowthError(f"--save {dest} exists and is not a directory")
 
 
+def tracker_text(info: CheckpointInfo) -> str:
+    """What `latest_checkpointed_iteration.txt` of the grown root says: the source's iteration."""
+    name = info.path.name
+    if name == "release" or (name.startswith("iter_") and name[5:].isdigit()):
+        return "release" if name == "release" else str(int(name[5:]))
+    raise GrowthError(f"--load {info.path}: an iteration directory must be named iter_XXXXXXX "
+                      "or release (Megatron-LM finds iterations by that name)")
+
+
 def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, moment_policy: str) -> dict:
     """common.pt of the grown checkpoint: args describe the grown model; provenance added."""
     common = copy.copy(info.common)
@@ -389,6 +398,7 @@ def grow(
     info = CheckpointInfo.read(source, step)
     dest = Path(dest)
     check_destination(info.path, dest, overwrite)
+    tracker = tracker_text(info)
     plan = GrowthPlan(info.architecture(), depth or DepthGrowth(), width or WidthGrowth())
     if optimizer not in OPTIMIZER_POLICIES:
         raise GrowthError(f"--grow-optimizer must be one of {OPTIMIZER_POLICIES}, got {optimizer!r}")
@@ -431,7 +441,6 @@ def grow(
         writer.finish(_metadata(pieces, objects), results)
         torch.save(grown_common(info, plan, keep_optimizer, moment_policy), out_dir / "common.pt")
         shutil.copyfile(info.path / "metadata.json", out_dir / "metadata.json")
-        tracker = "release" if info.path.name == "release" else str(int(info.path.name[len("iter_"):]))
         (staging / TRACKER_FILE).write_text(tracker)  # last: only now is it a checkpoint
         _replace(staging, dest)
     except BaseException:
