@@ -3,8 +3,10 @@
     python benchmarks/offline_grow.py [--sizes-gb 0.5 1 2] [--repeats 3] [--workers 1 2]
 
 Same disk, same run, medians over interleaved repeats (page cache warm for both: the source
-and the copied directory were just written). Prints a table, writes JSON (default
-benchmarks/results/offline_grow.json), and the peak RSS of the grow process.
+and the copied directory were just written). Both are durable: grow fsyncs what it writes (as
+Megatron's own save does), so the copy is `cp -r` followed by `sync` of the copied files.
+Grow is timed at alpha 0.01 and at alpha 0 (what the noise itself costs). Prints a table,
+writes JSON (default benchmarks/results/offline_grow.json), and the peak RSS of grow.
 """
 
 from __future__ import annotations
@@ -42,23 +44,26 @@ def measure(gb: float, repeats: int, workers: list[int], workdir: Path) -> dict:
         source.parent.mkdir()
         (work / "source").rename(source)
         (source.parent / "latest_checkpointed_iteration.txt").write_text("1")
-        times = {f"grow_w{w}": [] for w in workers} | {"copy": []}
+        variants = {f"grow_w{w}": (w, "0.01") for w in workers}
+        variants[f"grow_w{workers[0]}_alpha0"] = (workers[0], "0")
+        times = {name: [] for name in variants} | {"copy": []}
         rss = {}
         for _ in range(repeats):
-            for w in workers:
-                dest = work / f"grown_w{w}"
+            for name, (w, alpha) in variants.items():
+                dest = work / name
                 seconds, peak = timed([sys.executable, "-m", "megatron_recycle.cli", "grow",
                                        "--load", str(source), "--save", str(dest), "--grow-depth",
-                                       "2", "--grow-experts", "2", "--workers", str(w),
-                                       "--batch-size-mb", "256", "--overwrite"])
-                times[f"grow_w{w}"].append(seconds)
-                rss[f"grow_w{w}"] = max(rss.get(f"grow_w{w}", 0), peak)
-            grown = work / f"grown_w{workers[0]}"
+                                       "2", "--grow-experts", "2", "--grow-noise-alpha", alpha,
+                                       "--workers", str(w), "--batch-size-mb", "256", "--overwrite"])
+                times[name].append(seconds)
+                rss[name] = max(rss.get(name, 0), peak)
+            grown = work / f"grow_w{workers[0]}"
             copy = work / "copy"
             shutil.rmtree(copy, ignore_errors=True)
-            seconds, _ = timed(["cp", "-r", str(grown), str(copy)])
+            seconds, _ = timed(["sh", "-c", f"cp -r '{grown}' '{copy}' && find '{copy}' -type f "
+                                            "-exec sync {} +"])
             times["copy"].append(seconds)
-        out_bytes = sum(p.stat().st_size for p in (work / f"grown_w{workers[0]}").rglob("*") if p.is_file())
+        out_bytes = sum(p.stat().st_size for p in (work / f"grow_w{workers[0]}").rglob("*") if p.is_file())
     finally:
         shutil.rmtree(work)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -86,14 +91,14 @@ def main():
         print(f"source ≈ {gb} GB (grown ≈ {grown_shape(shape_for(gb)).total_bytes() / 2**30:.1f} GB) …",
               flush=True)
         rows.append(measure(gb, args.repeats, args.workers, Path(args.workdir)))
-    cols = ["source_gb", "grown_gb", "copy_s"] + [c for w in args.workers for c in
-                                                  (f"grow_w{w}_s", f"grow_w{w}_over_copy",
-                                                   f"grow_w{w}_peak_rss_gb")]
+    names = [f"grow_w{w}" for w in args.workers] + [f"grow_w{args.workers[0]}_alpha0"]
+    cols = ["source_gb", "grown_gb", "copy_s"] + [c for n in names for c in
+                                                  (f"{n}_s", f"{n}_over_copy", f"{n}_peak_rss_gb")]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |")
     summary = {"rows": rows, "copy_s_per_gb": slope(rows, "grown_gb", "copy_s")}
-    summary.update({f"grow_w{w}_s_per_gb": slope(rows, "grown_gb", f"grow_w{w}_s") for w in args.workers})
+    summary.update({f"{n}_s_per_gb": slope(rows, "grown_gb", f"{n}_s") for n in names})
     print("\nslopes (s per grown GB): " + ", ".join(f"{k[:-7]} {v:.2f}" for k, v in summary.items()
                                                   if k.endswith("_s_per_gb")))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
