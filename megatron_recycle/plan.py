@@ -208,14 +208,12 @@ class GrowthPlan:
         moe_layers = self.source.moe_layers
         if moe_layers is not None:
             moe_layers = tuple(moe_layers[s] for s in self.layer_map)
-        groups_topk = self.source.router_group_topk
         return dataclasses.replace(
             self.source,
             num_layers=self.target_num_layers,
             num_experts=self.target_num_experts,
             topk=self.target_topk,
             moe_layers=moe_layers,
-            router_group_topk=groups_topk,
         )
 
     @property

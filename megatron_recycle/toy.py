@@ -29,7 +29,6 @@ class ToySpec:
     expert_bias: bool = False
     router_groups: Optional[int] = None
     router_group_topk: Optional[int] = None
-    mla: bool = False
     mtp_layers: int = 0
     vocab: int = 64
     seq: int = 16
@@ -132,13 +131,6 @@ def config(spec: ToySpec, layout: Layout):
             moe_shared_expert_intermediate_size=spec.shared_expert or None,
             moe_layer_freq=list(spec.moe_layer_freq) if spec.moe_layer_freq else 1,
         )
-    if spec.mla:
-        from megatron.core.transformer.transformer_config import MLATransformerConfig
-
-        return MLATransformerConfig(
-            **kwargs, q_lora_rank=None, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
-            v_head_dim=8, rope_type="rope",
-        )
     return TransformerConfig(**kwargs)
 
 
@@ -198,6 +190,7 @@ def megatron_args(spec: ToySpec, layout: Layout, **extra):
         num_layers=spec.num_layers,
         hidden_size=spec.hidden,
         num_attention_heads=spec.heads,
+        kv_channels=spec.hidden // spec.heads,
         ffn_hidden_size=spec.ffn,
         num_experts=spec.experts,
         moe_ffn_hidden_size=spec.moe_ffn,
