@@ -268,10 +268,6 @@ def checkpoint_state(run: Run, with_optimizer: bool = True, is_loading: bool = F
     fmt = run.args.dist_optim_format if run.args.distributed_optimizer else None
     state = {"model": model_state} if len(run.chunks) == 1 else dict(model_state)
     if with_optimizer:
-        if is_loading and run.args.distributed_optimizer and not run.optimizer.state:
-            # A never-stepped torch AdamW has no state tensors to load into.
-            for opt in _inner_optimizers(run.optimizer):
-                opt._init_optimizer_states_with_dummy_values()
         state["optimizer"] = run.optimizer.sharded_state_dict(
             state, is_loading=is_loading, metadata=optimizer_metadata(fmt) if fmt else None)
     a = run.args
@@ -287,10 +283,6 @@ def checkpoint_state(run: Run, with_optimizer: bool = True, is_loading: bool = F
             expert_tensor_parallel_size=run.layout.etp, train_iters=a.train_iters),
     })
     return state
-
-
-def _inner_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def save(run: Run) -> None:

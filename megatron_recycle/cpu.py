@@ -143,9 +143,10 @@ def patch_torch_adam_fallback() -> bool:
     as it always does on CPU. Returns True if patched; a no-op with apex or TE.
 
     megatron-core 0.16.1 (any device) copies every per-param state key on a
-    fully_reshardable load, but that format leaves `step` out: KeyError 'step'. And its
-    load gives all params one shared `step` tensor, which torch AdamW increments once per
-    param per iteration: silently wrong bias correction.
+    fully_reshardable load, but that format leaves `step` out: KeyError 'step'. Its load
+    gives all params one shared `step` tensor, which torch AdamW increments once per param
+    per iteration: silently wrong bias correction. And a never-stepped torch AdamW has no
+    state, so asking it for a sharded state dict to load into fails (`len(steps) == 1`).
     """
     from megatron.core.optimizer import distrib_optimizer as do
 
@@ -153,6 +154,13 @@ def patch_torch_adam_fallback() -> bool:
     if do.HAVE_APEX_OR_TE or getattr(cls, "_recycle_adam_patched", False):
         return False
     set_states, load_state_dict = cls._set_main_param_and_optimizer_states, cls.load_state_dict
+    sharded_state_dict = cls.sharded_state_dict
+
+    def sharded_state_dict_with_states(self, model_sharded_state_dict=None, is_loading=False,
+                                       *args, **kwargs):
+        if is_loading and not self.optimizer.state:  # tensors for the load to fill
+            self._init_optimizer_states_with_dummy_values()
+        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
 
     def set_main_param_and_optimizer_states(self, model_param, tensors):
         if "step" not in tensors:  # `step` is set from the param groups by load_state_dict
@@ -174,6 +182,7 @@ def patch_torch_adam_fallback() -> bool:
 
     cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
     cls.load_state_dict = load_state_dict_with_own_steps
+    cls.sharded_state_dict = sharded_state_dict_with_states
     cls._recycle_adam_patched = True
     return True
 

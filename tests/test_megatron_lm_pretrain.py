@@ -129,3 +129,39 @@ def test_bad_input_fails_before_any_model_is_built(megatron_lm, runs):
     assert rc != 0
     assert "megatron-recycle: error: --ckpt-step 9" in log
     assert "building GPT model" not in log
+
+
+@pytest.fixture(scope="module")
+def copy_runs(megatron_lm, tmp_path_factory):
+    """Base at EP2 with a growable (fully_reshardable) distributed optimizer, then grown with
+    --grow-optimizer copy. --train-iters equals the base's iteration and --save-interval does
+    not divide it, so the grown run saves exactly the state it loaded."""
+    out = tmp_path_factory.mktemp("pretrain_copy")
+    optimizer = ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable",
+                 "--expert-model-parallel-size", 2, "--global-batch-size", 4, "--train-iters", 2]
+    launch(megatron_lm, 2, "--lr", "1e-3", "--save-interval", 2, "--save", out / "base", *optimizer)
+    launch(megatron_lm, 2, "--lr", "1e-3", "--save-interval", 3, "--load", out / "base",
+           "--save", out / "grown", "--grow-depth", 2, "--grow-experts", 2,
+           "--grow-optimizer", "copy", *optimizer)
+    return out
+
+
+def test_optimizer_copy_grows_the_adam_state_through_megatron_lm(copy_runs):
+    grown_info = CheckpointInfo.read(copy_runs / "grown")
+    assert grown_info.provenance["optimizer_policy"] == "copy"
+    assert grown_info.optimizer_format == "fully_reshardable"
+    plan = GrowthPlan.from_description(grown_info.provenance["plan"])
+    base = ckpt_tools.read_checkpoint(copy_runs / "base" / "iter_0000002")
+    grown = ckpt_tools.read_checkpoint(grown_info.path)
+    layers, experts = list(plan.layer_map), [e for e, _ in plan.expert_map()]
+    moments = [k for k in base if k.startswith(("optimizer.state.exp_avg.decoder.layers.",
+                                                 "optimizer.state.exp_avg_sq.decoder.layers."))]
+    assert len(moments) > 10
+    for key in moments:
+        want = base[key][layers]
+        if ".experts.experts." in key or key.endswith("router.weight"):
+            want = want[:, experts]
+        assert torch.equal(grown[key], want), key  # moments: the source's, by the mapping
+    for key in (k for k in grown if k.startswith("optimizer.state.param.")):
+        weight = key[len("optimizer.state.param."):]
+        assert torch.equal(grown[key], grown[weight]), key  # main params got the weights' noise
