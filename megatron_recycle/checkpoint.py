@@ -78,23 +78,26 @@ class CheckpointInfo:
     path: Path
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
+    objects: list[str]  # storage keys of the ShardedObjects (`{key}/shard_{offset}_{shape}`)
     common: dict[str, Any] = field(repr=False)
 
     @classmethod
     def read(cls, path: str | os.PathLike, step: Optional[int] = None, flag: str = "--load"):
         from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
         ckpt = resolve(path, step, flag)
         metadata = FileSystemReader(str(ckpt)).read_metadata()
-        shapes, dtypes = {}, {}
+        shapes, dtypes, objects = {}, {}, []
         for k, md in metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata):
                 shapes[k] = tuple(md.size)
                 dtypes[k] = md.properties.dtype
+            elif isinstance(md, BytesStorageMetadata):
+                objects.append(k)
         common_file = ckpt / "common.pt"
         common = torch.load(common_file, map_location="cpu", weights_only=False) if common_file.exists() else {}
-        return cls(path=ckpt, shapes=shapes, dtypes=dtypes, common=common)
+        return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=objects, common=common)
 
     @property
     def args(self):

@@ -147,9 +147,8 @@ def map_shard(
     wants_noise = plan.width.noise_alpha > 0 and not zero and not lay.is_optimizer_moment
     if wants_noise and copy_rows:
         copies = tuple((target_rows[i], i) for i in copy_rows)
-        if copies:
-            noise = Noise(lay.canonical_name(), layer_t, copies, tuple(global_shape[p + 1:]),
-                          tuple(global_offset[p + 1:]), _sigma_unit(lay, unit, source_shapes))
+        noise = Noise(lay.canonical_name(), layer_t, copies, tuple(global_shape[p + 1:]),
+                      tuple(global_offset[p + 1:]), _sigma_unit(lay, unit, source_shapes))
     elif wants_noise and expert_copy > 0:
         noise = Noise(lay.canonical_name(), layer_t, ((expert_t, -1),), tuple(global_shape[p:]),
                       tuple(global_offset[p:]), _sigma_unit(lay, unit, source_shapes))

@@ -30,7 +30,7 @@ import torch
 from . import __version__, keys
 from .checkpoint import PROVENANCE_KEY, TRACKER_FILE, CheckpointInfo
 from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
-from .resume import MODEL_SPACE_OPTIMIZER_FORMATS, OPTIMIZER_POLICIES
+from .resume import MODEL_SPACE_OPTIMIZER_FORMATS, check_optimizer_policy
 
 OBJECT_SHARD = "/shard_"  # ShardedObject storage key: `{key}/shard_{offset}_{shape}`
 
@@ -400,8 +400,7 @@ def grow(
     check_destination(info.path, dest, overwrite)
     tracker = tracker_text(info)
     plan = GrowthPlan(info.architecture(), depth or DepthGrowth(), width or WidthGrowth())
-    if optimizer not in OPTIMIZER_POLICIES:
-        raise GrowthError(f"--grow-optimizer must be one of {OPTIMIZER_POLICIES}, got {optimizer!r}")
+    check_optimizer_policy(optimizer)
     moment_policy = "copy" if optimizer == "reset" else optimizer
     if workers < 1:
         raise GrowthError(f"--workers must be >= 1, got {workers}")
@@ -416,12 +415,7 @@ def grow(
                      "parallel layout and cannot be grown; it is dropped: load the grown "
                      "checkpoint with --no-load-optim")
     pieces = target_units(info, plan, max(batch_bytes // 4, 1), keep_optimizer)
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    source_md = FileSystemReader(str(info.path)).read_metadata()
-    object_keys = [k for k, m in source_md.state_dict_metadata.items() if isinstance(m, BytesStorageMetadata)]
-    objects = target_objects(info, plan, object_keys, keep_optimizer)
+    objects = target_objects(info, plan, info.objects, keep_optimizer)
     work = batches(pieces, objects, batch_bytes)
     total = sum(b.nbytes for b in work)
 

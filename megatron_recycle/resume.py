@@ -19,17 +19,22 @@ from typing import Any, Optional
 
 from .plan import GrowthError
 
-OPTIMIZER_POLICIES = ("copy", "zero", "reset")
+MOMENT_POLICIES = ("copy", "zero")  # what the load hook does with the copies' moments
+OPTIMIZER_POLICIES = (*MOMENT_POLICIES, "reset")
 # Optimizer checkpoint formats whose state is in model space (one tensor per weight, the
 # weight's global shape), so the growth mapping applies to it.
 MODEL_SPACE_OPTIMIZER_FORMATS = ("fully_reshardable", "non_distributed")
 
 
+def check_optimizer_policy(policy: str) -> None:
+    if policy not in OPTIMIZER_POLICIES:
+        raise GrowthError(f"--grow-optimizer must be one of {OPTIMIZER_POLICIES}, got {policy!r}")
+
+
 def load_moment_policy(policy: str, optimizer_format: Optional[str]) -> Optional[str]:
     """The hook's `moment_policy` for a run's optimizer policy, or None: do not load the
     optimizer. Refuses what the source checkpoint cannot provide, saying what to do instead."""
-    if policy not in OPTIMIZER_POLICIES:
-        raise GrowthError(f"--grow-optimizer must be one of {OPTIMIZER_POLICIES}, got {policy!r}")
+    check_optimizer_policy(policy)
     if policy == "reset":
         return None
     if optimizer_format is None:

@@ -24,10 +24,9 @@ from . import keys, ops
 from .checkpoint import DP_RESHARDABLE_KEY, CheckpointInfo
 from .mapping import Fill, Region, Unit, map_object, map_shard
 from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
-from .resume import load_moment_policy
+from .resume import MOMENT_POLICIES, load_moment_policy
 
 logger = logging.getLogger(__name__)
-MOMENT_POLICIES = ("copy", "zero")
 
 
 class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
