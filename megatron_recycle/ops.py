@@ -1,35 +1,64 @@
 """Mapping → tensors: the operators that turn source regions into grown target shards.
 
-Noise is layout-free by construction: one seed per (seed, tensor name, target layer, target
-expert) draws the *full* unsharded expert matrix (or router row), and each shard takes its
-slice; σ is the std of the whole source unit, computed in float64 and rounded to float32.
-So the grown weights do not depend on how source or target are sharded.
+Noise is layout-free by construction: the noise of one copied unit (a whole, unsharded
+expert matrix or router row) is a fixed function of (seed, tensor name, target layer,
+target expert) and the flat index, drawn in fixed blocks of `NOISE_BLOCK` elements each
+seeded on its own. A shard draws only the blocks its box touches (a dim-0 slice: only its
+rows) and takes its part; each element gets the same noise, bit for bit, whatever the box.
+σ is the std of the whole source unit, computed in float64 and rounded to float32. So the
+grown weights do not depend on how source or target are sharded, nor on how many threads
+drew them.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from .mapping import Fill, Noise, Region, Unit
 
+NOISE_BLOCK = 1 << 18  # elements drawn from one seed: 1 MiB of fp32, cache-sized
+MAX_THREADS = 16
 
-def noise_seed(seed: int, name: str, layer: int, expert: int) -> int:
-    digest = hashlib.blake2b(f"{seed}|{name}|{layer}|{expert}".encode(), digest_size=8).digest()
+
+def noise_seed(seed: int, name: str, layer: int, expert: int, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}|{name}|{layer}|{expert}|{block}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def unit_noise(seed: int, name: str, layer: int, expert: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normal noise for one whole (unsharded) expert matrix or router row, float32."""
-    gen = torch.Generator(device="cpu").manual_seed(noise_seed(seed, name, layer, expert))
-    return torch.randn(shape, generator=gen, dtype=torch.float32)
+def worker_threads() -> int:
+    """Threads for drawing noise and filling shards: the cores this process may use. Launchers
+    set OMP_NUM_THREADS=1 per rank, yet at load time the cores are otherwise idle, and with
+    appended expert copies some ranks hold all the noisy shards."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_THREADS, cores or 1))
+
+
+def parallel(fn: Callable, items: Iterable) -> list:
+    """fn over items on `worker_threads()` threads (torch releases the GIL in its kernels)."""
+    items = list(items)
+    threads = min(worker_threads(), len(items))
+    if threads <= 1:
+        return [fn(item) for item in items]
+    grad = torch.is_grad_enabled()  # thread-local in torch: carry the caller's (no_grad) over
+
+    def call(item):
+        with torch.set_grad_enabled(grad):
+            return fn(item)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(call, items))
 
 
 def sigma(unit_tensor: torch.Tensor) -> float:
     """Std of a whole source unit; float64 accumulation, rounded to float32 for stability."""
-    return float(torch.tensor(unit_tensor.double().std().item(), dtype=torch.float32))
+    std = unit_tensor.to(device="cpu", dtype=torch.float64).std().item()  # the CPU's, on any device
+    return float(torch.tensor(std, dtype=torch.float32))
 
 
 def box(offset: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -43,6 +72,41 @@ def region_view(buffers: dict[Region, torch.Tensor], region: Region) -> torch.Te
     return buffers[region.unit.whole()][box(region.offset, region.shape)]
 
 
+def scaled_noise_blocks(seed: int, name: str, layer: int, expert: int, numel: int, scale: float,
+                        start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """scale·N(0, 1) for flat indices [start, stop) of a unit of `numel` elements, as
+    (position from `start`, noise) pieces, one per block. Whole blocks are always drawn and
+    scaled (a block's values depend on its length), then cut."""
+    for block in range(start // NOISE_BLOCK, -(-stop // NOISE_BLOCK)):
+        lo = block * NOISE_BLOCK
+        hi = min(lo + NOISE_BLOCK, numel)
+        gen = torch.Generator(device="cpu").manual_seed(noise_seed(seed, name, layer, expert, block))
+        values = torch.randn(hi - lo, generator=gen, dtype=torch.float32).mul_(scale)
+        first, last = max(lo, start), min(hi, stop)
+        yield first - start, values[first - lo:last - lo]
+
+
+def add_unit_noise(out: torch.Tensor, scale: float, seed: int, name: str, layer: int, expert: int,
+                   unit_shape: tuple[int, ...], offset: tuple[int, ...]) -> None:
+    """out += scale · (the box of one unit's noise at `offset`, shaped like `out`), fp32.
+
+    Scale, then add, as two operations: a fused multiply-add could round differently
+    depending on where a shard's slice starts, and the result must not depend on sharding."""
+    numel = math.prod(unit_shape)
+    whole_rows = tuple(out.shape[1:]) == tuple(unit_shape[1:]) and not any(offset[1:])
+    if whole_rows and out.is_contiguous():  # a contiguous flat range: draw only its blocks
+        start = offset[0] * math.prod(unit_shape[1:]) if unit_shape else 0
+        flat = out.view(-1)
+        for at, values in scaled_noise_blocks(seed, name, layer, expert, numel, scale,
+                                              start, start + flat.numel()):
+            flat[at:at + values.numel()] += values
+        return
+    full = torch.empty(numel, dtype=torch.float32)
+    for at, values in scaled_noise_blocks(seed, name, layer, expert, numel, scale, 0, numel):
+        full[at:at + values.numel()] = values
+    out += full.view(unit_shape)[box(offset, out.shape)]
+
+
 def fill_shard(
     target: torch.Tensor,
     fill: Fill,
@@ -51,36 +115,33 @@ def fill_shard(
     alpha: float,
     seed: int,
 ) -> None:
-    """Write one grown shard into `target` in place."""
+    """Write one grown shard into `target` (any dtype, any device) in place."""
     if fill.zero:
         target.zero_()
         return
     data = source if fill.rows is None else source.index_select(0, torch.tensor(fill.rows))
     if fill.zero_rows:
         data[list(fill.zero_rows)] = 0  # a fresh tensor from index_select: safe to write
-    if fill.noise is None or target.dtype == torch.float32:
-        if target.data_ptr() != data.data_ptr():
-            target.copy_(data)
-        if fill.noise is not None:
-            _add_noise(target, fill.noise, sigma_of, alpha, seed)
+    if fill.noise is None:
+        _copy(target, data)
         return
-    # In fp32 whatever the storage dtype, so a bf16 weight and its fp32 main param get the
-    # same noise.
-    out = data.float()
+    # Noise is added in fp32 on the CPU whatever the target's dtype and device: a bf16
+    # weight and its fp32 main param get the same noise, and a GPU target the CPU's.
+    in_place = target.dtype == torch.float32 and target.device.type == "cpu"
+    out = target if in_place else torch.empty(target.shape, dtype=torch.float32)
+    _copy(out, data)
     _add_noise(out, fill.noise, sigma_of, alpha, seed)
-    target.copy_(out)
+    if not in_place:
+        target.copy_(out)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.data_ptr() != src.data_ptr() or dst.device != src.device:  # else read straight into it
+        dst.copy_(src)
 
 
 def _add_noise(out: torch.Tensor, noise: Noise, sigma_of, alpha: float, seed: int) -> None:
-    """out += α·σ·(the shard's slice of each copy's full noise), in place, fp32.
-
-    Multiply, then add, as two operations: a fused multiply-add could round differently
-    depending on where a shard's slice starts, and the result must not depend on sharding.
-    """
     scale = alpha * sigma_of(noise.sigma_unit)
     for expert, row in noise.experts:
-        full = unit_noise(seed, noise.name, noise.layer, expert, noise.unit_shape)
-        if row < 0:
-            out += scale * full[box(noise.offset, out.shape)]
-        else:
-            out[row] += scale * full[box(noise.offset, out.shape[1:])]
+        add_unit_noise(out if row < 0 else out[row], scale, seed, noise.name, noise.layer, expert,
+                       noise.unit_shape, noise.offset)

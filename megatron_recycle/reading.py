@@ -9,13 +9,20 @@ DCP read items for exactly its box, read into the request's own tensor.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import (
     _create_read_item_for_byteio,
@@ -33,6 +40,7 @@ class _BoxPlanner(LoadPlanner):
         self.targets: dict[MetadataIndex, torch.Tensor] = {}
         self.objects: dict[str, object] = {}
         self.names_of_objects: dict[str, list[str]] = {}
+        self._chunks_by_index: dict[str, dict] = {}
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
         self.metadata = metadata
@@ -60,11 +68,28 @@ class _BoxPlanner(LoadPlanner):
                                   f"{tuple(md.size)}, {tuple(sh.global_shape)} was asked for")
             sizes = torch.Size((1,) * sh.prepend_axis_num + tuple(sh.local_shape))
             chunk = ChunkStorageMetadata(torch.Size(sh.global_offset), sizes)
-            reads = create_read_items_for_chunk_list(sh.key, md, [chunk])
+            reads = create_read_items_for_chunk_list(sh.key, self._stored_in(sh, md), [chunk])
             for r in reads:
                 self.targets[r.dest_index] = sh.data.view(sizes)
             items.extend(reads)
         return LoadPlan(items)
+
+    def _stored_in(self, sh, md: TensorStorageMetadata) -> TensorStorageMetadata:
+        """`md` cut to the stored chunks at the request's layer/expert index: torch matches a
+        request against every chunk of the tensor, which is quadratic over a whole model."""
+        p = sh.prepend_axis_num
+        if not p:
+            return md
+        by_index = self._chunks_by_index.get(sh.key)
+        if by_index is None:
+            by_index = {}
+            for c in md.chunks:
+                by_index.setdefault(tuple(c.offsets[:p]) if all(n == 1 for n in c.sizes[:p]) else None,
+                                    []).append(c)
+            self._chunks_by_index[sh.key] = by_index
+        if None in by_index:  # chunks spanning several layers/experts: match against all
+            return md
+        return TensorStorageMetadata(md.properties, md.size, by_index.get(tuple(sh.global_offset[:p]), []))
 
     def create_global_plan(self, global_plan):
         return global_plan
@@ -95,13 +120,30 @@ def read_boxes(checkpoint_dir, requests: dict) -> dict:
     planner = _BoxPlanner(requests)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp_load({}, storage_reader=FileSystemReader(str(Path(checkpoint_dir))), planner=planner,
-                 no_dist=True)
+        dcp_load({}, storage_reader=_Reader(checkpoint_dir), planner=planner, no_dist=True)
     out = {name: sh.data for name, sh in requests.items() if name not in _object_names(planner)}
     for key, names in planner.names_of_objects.items():
         (value,) = planner.objects[key]  # megatron-core stores each object as a 1-element list
         out.update({name: value for name in names})
     return out
+
+
+class _Reader(FileSystemReader):
+    """A FileSystemReader that unpickles a checkpoint's `.metadata` once per process, not once
+    per read (the offline tools read a checkpoint batch by batch)."""
+
+    def __init__(self, checkpoint_dir):
+        super().__init__(str(Path(checkpoint_dir)))
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+    def read_metadata(self) -> Metadata:
+        stat = (self.checkpoint_dir / ".metadata").stat()
+        return _cached_metadata(str(self.checkpoint_dir.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_metadata(checkpoint_dir: str, mtime_ns: int, size: int) -> Metadata:
+    return FileSystemReader(checkpoint_dir).read_metadata()  # keyed by mtime and size: never stale
 
 
 def _object_names(planner: _BoxPlanner) -> set[str]:

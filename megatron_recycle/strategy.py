@@ -78,17 +78,18 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
 
         loaded = super().load(request, checkpoint_dir) if request or _distributed() else {}
         buffers = {region: loaded[f"r{i}"] for i, region in enumerate(fills.regions)}
-        sigmas: dict[Unit, float] = {}
+        sigma_units = list(fills.sigma_units())
+        sigmas = dict(zip(sigma_units, ops.parallel(
+            lambda unit: ops.sigma(ops.region_view(buffers, unit.whole())), sigma_units)))
+        width = self.plan.width
 
-        def sigma_of(unit: Unit) -> float:
-            if unit not in sigmas:
-                sigmas[unit] = ops.sigma(ops.region_view(buffers, unit.whole()))
-            return sigmas[unit]
+        def fill(item: tuple[ShardedTensor, Fill]) -> None:  # targets are disjoint: thread-safe
+            sh, how = item
+            ops.fill_shard(_local(sh), how, ops.region_view(buffers, how.region), sigmas.__getitem__,
+                           width.noise_alpha, width.seed)
 
-        plan = self.plan
-        for sh, fill in fills.items:
-            ops.fill_shard(_local(sh), fill, ops.region_view(buffers, fill.region), sigma_of,
-                           plan.width.noise_alpha, plan.width.seed)
+        ops.parallel(fill, fills.first())
+        ops.parallel(fill, fills.last)
         results = {id(sh): _local(sh) for sh, _ in fills.items}
         results.update({id(sh): loaded[name] for name, sh in fills.passthrough})
         results.update({id(sh): loaded[name] for sh, name in objects})
@@ -130,32 +131,43 @@ class _Fills:
         self.items: list[tuple[ShardedTensor, Fill]] = []
         self.passthrough: list[tuple[str, ShardedTensor]] = []
         self.regions: list[Region] = []
+        self.last: list[tuple[ShardedTensor, Fill]] = []  # noisy fills that hold their region
 
     def add(self, sh: ShardedTensor, fill: Fill):
         self.items.append((sh, fill))
 
+    def sigma_units(self) -> set[Unit]:
+        return {f.noise.sigma_unit for _, f in self.items if f.noise is not None}
+
     def requests(self) -> dict[str, ShardedTensor]:
-        """One read per distinct region; whole units where σ is needed; plain copies read
-        straight into their target shard."""
-        sigma_units = {f.noise.sigma_unit for _, f in self.items if f.noise is not None}
-        regions: dict[Region, Optional[torch.Tensor]] = {}
+        """One read per distinct region, of whole units where σ is needed. A region is read
+        straight into the shard of a target that takes it whole: preferably one that copies it
+        unchanged, else one that adds noise to it (its fill then runs in `last`, after
+        every fill that reads the region). Other regions get a buffer."""
+        sigma_units = self.sigma_units()
+        holders: dict[Region, tuple[ShardedTensor, bool]] = {}  # region → (shard, noisy)
         dtypes: dict[Region, torch.dtype] = {}
         for sh, fill in self.items:
-            region = fill.region
-            if region.unit in sigma_units:
-                region = region.unit.whole()
-            plain = (fill.rows is None and not fill.zero and fill.noise is None
-                     and region == fill.region and sh.data.is_contiguous())
-            if regions.get(region) is None and plain:
-                regions[region] = _local(sh)
-            else:
-                regions.setdefault(region, None)
+            region = fill.region.unit.whole() if fill.region.unit in sigma_units else fill.region
             dtypes.setdefault(region, sh.data.dtype)
+            takes_whole = (fill.rows is None and not fill.zero and region == fill.region
+                           and sh.data.is_contiguous())
+            if not takes_whole:
+                continue
+            noisy = fill.noise is not None
+            if region not in holders or (holders[region][1] and not noisy):
+                holders[region] = (sh, noisy)
         for unit in sigma_units:
-            regions.setdefault(unit.whole(), None)
             dtypes.setdefault(unit.whole(), torch.float32)
-        self.regions = list(regions)
-        return {f"r{i}": _region_tensor(r, regions[r], dtypes[r]) for i, r in enumerate(self.regions)}
+        self.regions = list(dtypes)
+        self.last = [(sh, fill) for sh, fill in self.items
+                     if holders.get(fill.region, (None,))[0] is sh and fill.noise is not None]
+        return {f"r{i}": _region_tensor(r, _local(holders[r][0]) if r in holders else None, dtypes[r])
+                for i, r in enumerate(self.regions)}
+
+    def first(self) -> list[tuple[ShardedTensor, Fill]]:
+        last = {id(sh) for sh, _ in self.last}
+        return [(sh, fill) for sh, fill in self.items if id(sh) not in last]
 
 
 def _local(sh: ShardedTensor) -> torch.Tensor:

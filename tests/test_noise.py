@@ -1,0 +1,89 @@
+"""The tensor operators alone: noise that does not depend on the shard, the thread or the
+device. Units here span several noise blocks (the models in the multi-rank tests are smaller
+than one block)."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_recycle import ops
+from megatron_recycle.mapping import Fill, Noise, Region, Unit
+
+UNIT = (700, 1000)  # 2.7 noise blocks: block edges fall inside rows
+ID = dict(seed=7, name="decoder.layers.mlp.experts.experts.linear_fc1.weight", layer=3, expert=9)
+
+
+def noisy(shape, offset, scale=0.5, out=None):
+    out = torch.zeros(shape) if out is None else out
+    ops.add_unit_noise(out, scale, ID["seed"], ID["name"], ID["layer"], ID["expert"], UNIT, offset)
+    return out
+
+
+def test_unit_spans_several_blocks():
+    assert math.prod(UNIT) > 2 * ops.NOISE_BLOCK
+
+
+@pytest.mark.parametrize("offset,shape", [
+    ((0, 0), (350, 1000)),  # column-parallel halves: only their rows' blocks are drawn
+    ((350, 0), (350, 1000)),
+    ((262, 0), (1, 1000)),  # one row across a block edge
+    ((0, 500), (700, 500)),  # row-parallel halves: a strided box
+    ((100, 250), (300, 250)),
+])
+def test_a_shard_gets_exactly_its_box_of_the_whole_units_noise(offset, shape):
+    whole = noisy(UNIT, (0, 0))
+    assert torch.equal(noisy(shape, offset), whole[ops.box(offset, shape)])
+
+
+def test_noise_lands_on_a_non_contiguous_target():
+    base = torch.zeros(1000, 700)
+    out = base.t()[:350]  # a strided (350, 1000) view
+    noisy((350, 1000), (350, 0), out=out)
+    assert torch.equal(out, noisy(UNIT, (0, 0))[350:])
+
+
+def test_blocks_are_independent_standard_normal_draws():
+    flat = noisy(UNIT, (0, 0), scale=1.0).view(-1)
+    first, second = flat[:ops.NOISE_BLOCK], flat[ops.NOISE_BLOCK:2 * ops.NOISE_BLOCK]
+    assert abs(flat.mean().item()) < 0.01 and abs(flat.std().item() - 1) < 0.01
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.01
+    other_expert = torch.zeros(UNIT)
+    ops.add_unit_noise(other_expert, 1.0, ID["seed"], ID["name"], ID["layer"], 10, UNIT, (0, 0))
+    assert not torch.equal(other_expert.view(-1), flat)
+
+
+def test_threads_do_not_change_the_result(monkeypatch):
+    shards = [((r * 100, 0), (100, 1000)) for r in range(7)]
+    serial = [noisy(s, o) for o, s in shards]
+    monkeypatch.setattr(ops, "worker_threads", lambda: 4)
+    threaded = ops.parallel(lambda box_: noisy(box_[1], box_[0]), shards)
+    assert all(torch.equal(a, b) for a, b in zip(serial, threaded))
+
+
+def _fill_of_a_copy(unit_key="w"):
+    unit = Unit(unit_key, (0,), (4,) + UNIT)
+    noise = Noise(ID["name"], ID["layer"], ((ID["expert"], -1),), UNIT, (0, 0), unit)
+    return unit, Fill(Region(unit, (0, 0), UNIT), noise=noise)
+
+
+def test_a_bf16_target_gets_the_fp32_noise_rounded_once():
+    unit, fill = _fill_of_a_copy()
+    source = torch.randn(UNIT) * 0.02
+    fp32, bf16 = torch.empty(UNIT), torch.empty(UNIT, dtype=torch.bfloat16)
+    for target in (fp32, bf16):
+        ops.fill_shard(target, fill, source, lambda u: ops.sigma(source), alpha=0.01, seed=ID["seed"])
+    assert not torch.equal(fp32, source)
+    assert torch.equal(bf16, fp32.bfloat16())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: a CUDA target gets the CPU's noise")
+def test_a_gpu_target_gets_the_same_values_as_a_cpu_one():
+    unit, fill = _fill_of_a_copy()
+    source = torch.randn(UNIT) * 0.02
+    cpu = torch.empty(UNIT)
+    ops.fill_shard(cpu, fill, source, lambda u: ops.sigma(source), 0.01, ID["seed"])
+    for dtype in (torch.float32, torch.bfloat16):
+        gpu = torch.empty(UNIT, dtype=dtype, device="cuda")
+        ops.fill_shard(gpu, fill, source.cuda(), lambda u: ops.sigma(source.cuda()), 0.01, ID["seed"])
+        assert torch.equal(gpu.cpu(), cpu.to(dtype))
