@@ -491,7 +491,6 @@ def grow(
                      staging):
             _fsync(path)
         _replace(staging, dest)
-        _fsync(dest.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -532,14 +531,15 @@ def _execute(work: list[Batch], worker_args, workers: int, total: int, start: fl
 
 def _replace(staging: Path, dest: Path) -> None:
     """Rename the finished staging directory to `dest`; an old `dest` is moved aside first
-    and removed only after the rename, so some complete checkpoint is always in place."""
-    if not dest.exists():
-        os.rename(staging, dest)
-        return
+    and removed only once the rename is durable, so some complete checkpoint is always in place."""
     aside = dest.parent / f".{dest.name}.replaced-{os.getpid()}"
-    os.rename(dest, aside)
+    replacing = dest.exists()
+    if replacing:
+        os.rename(dest, aside)
     os.rename(staging, dest)
-    shutil.rmtree(aside)
+    _fsync(dest.parent)
+    if replacing:
+        shutil.rmtree(aside)
 
 
 def _gib(n: int) -> str:
