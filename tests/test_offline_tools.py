@@ -131,6 +131,19 @@ def test_bad_options_and_existing_destination_write_nothing(grown):
     assert not (out / "never").exists() and not (out / "src" / "inside").exists()
 
 
+def test_overwrite_replaces_the_destination_and_leaves_nothing_beside_it(grown):
+    out, _, _ = grown
+    dest = out / "again"
+    digests = []
+    for alpha in ("0", "0.01"):
+        cli("grow", "--load", out / "src-mixed", "--save", dest, "--grow-experts", "2",
+            "--grow-noise-alpha", alpha, "--overwrite")
+        digests.append(tree_digest(dest))
+    assert digests[0] != digests[1]  # the second run's (noisy) checkpoint replaced the first
+    assert "verify: OK" in cli("verify", "--source", out / "src-mixed", "--grown", dest).stdout
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".again")]
+
+
 def test_killed_grow_leaves_no_loadable_destination(grown):
     out, before, _ = grown
     env = dict(os.environ, OMP_NUM_THREADS="1")
