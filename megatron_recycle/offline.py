@@ -53,11 +53,6 @@ class TensorPiece:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    @property
-    def grid(self) -> tuple[int, ...]:
-        """Pieces per axis (megatron-core's `axis_fragmentations`)."""
-        within = self.global_shape[self.prepend:]
-        return self.global_shape[:self.prepend] + tuple(g // s if s else 1 for g, s in zip(within, self.shape))
 
 
 @dataclass(frozen=True)
@@ -252,14 +247,12 @@ class _Worker:
             progress(*writing.result())
 
     def grow(self, batch: Batch) -> dict:
-        from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        request = {}
-        for i, t in enumerate(batch.tensors):
-            request[f"t{i}"] = ShardedTensor(
-                key=t.key, data=torch.empty(t.shape, dtype=t.dtype), dtype=t.dtype,
-                local_shape=t.shape, global_shape=t.global_shape, global_offset=t.offset,
-                axis_fragmentations=t.grid, replica_id=0, prepend_axis_num=t.prepend)
+        from .reading import box_request
+
+        request = {f"t{i}": box_request(t.key, t.global_shape, t.offset, t.shape, t.prepend, t.dtype)
+                   for i, t in enumerate(batch.tensors)}
         for i, o in enumerate(batch.objects):
             request[f"o{i}"] = ShardedObject(o.key, None, o.global_shape, o.offset, replica_id=0)
         return self.strategy.load(request, self.source_dir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .plan import DEPTH_METHODS, EXPERT_PLACEMENTS, TOPK_POLICIES, DepthGrowth, GrowthError, WidthGrowth
-from .resume import OPTIMIZER_POLICIES
+from .resume import OPTIMIZER_POLICIES, check_rewarmup_iters
 
 _DEPTH, _WIDTH = DepthGrowth(), WidthGrowth()
 
@@ -72,8 +72,7 @@ def growth_from_args(args: argparse.Namespace) -> tuple[DepthGrowth, WidthGrowth
             "--grow-layer-map gives every target layer explicitly; drop --grow-depth, "
             "--grow-skip-first and --grow-skip-last, or drop --grow-layer-map"
         )
-    if args.grow_rewarmup_iters < 0:
-        raise GrowthError(f"--grow-rewarmup-iters must be >= 0, got {args.grow_rewarmup_iters}")
+    check_rewarmup_iters(args.grow_rewarmup_iters)
     depth = DepthGrowth(
         factor=args.grow_depth,
         method=args.grow_depth_method,

@@ -110,6 +110,17 @@ class _BoxPlanner(LoadPlanner):
         pass  # resolve_tensor returned a view of the destination: already in place
 
 
+def box_request(key: str, global_shape, offset, shape, prepend: int, dtype: torch.dtype):
+    """A read request for `read_boxes`: `shape` at global `offset` of tensor `key`, its first
+    `prepend` axes (layers/experts) left out of `shape`, into a fresh tensor."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return ShardedTensor(key=key, data=torch.empty(tuple(shape), dtype=dtype), dtype=dtype,
+                         local_shape=tuple(shape), global_shape=tuple(global_shape),
+                         global_offset=tuple(offset), axis_fragmentations=None, replica_id=0,
+                         prepend_axis_num=prepend)
+
+
 def read_boxes(checkpoint_dir, requests: dict) -> dict:
     """`requests`: name → megatron-core ShardedTensor (its `data` is filled in place, so it must
     be contiguous) or ShardedObject. Returns name → tensor or object, like megatron-core."""

@@ -31,6 +31,11 @@ def check_optimizer_policy(policy: str) -> None:
         raise GrowthError(f"--grow-optimizer must be one of {OPTIMIZER_POLICIES}, got {policy!r}")
 
 
+def check_rewarmup_iters(iters: int) -> None:
+    if iters < 0:
+        raise GrowthError(f"--grow-rewarmup-iters must be >= 0, got {iters}")
+
+
 def load_moment_policy(policy: str, optimizer_format: Optional[str]) -> Optional[str]:
     """The hook's `moment_policy` for a run's optimizer policy, or None: do not load the
     optimizer. Refuses what the source checkpoint cannot provide, saying what to do instead."""
@@ -76,8 +81,7 @@ def schedule_after_growth(progress: Progress, rewarmup_steps: int,
     """The scheduler state the grown run starts from: the source's (continue), or a restart
     whose warm-up is `rewarmup_steps` optimizer steps (Megatron counts schedules in samples).
     None: the run's own configured schedule from step 0."""
-    if rewarmup_steps < 0:
-        raise GrowthError(f"--grow-rewarmup-steps must be >= 0, got {rewarmup_steps}")
+    check_rewarmup_iters(rewarmup_steps)
     if rewarmup_steps == 0:
         return progress.scheduler
     if progress.scheduler is None:

@@ -133,14 +133,14 @@ def verify(source, grown, plan: Optional[GrowthPlan] = None, optimizer: Optional
 
 
 def _check_batch(src: CheckpointInfo, dst: CheckpointInfo, plan, pieces, moment_policy, report: Report):
-    from .reading import read_boxes
+    from .reading import box_request, read_boxes
 
     expectations = [expectation(plan, p, src.shapes, moment_policy) for p in pieces]
-    grown = read_boxes(dst.path, {i: _box(p.key, p.global_shape, p.offset, p.shape, p.prepend, p.dtype)
+    grown = read_boxes(dst.path, {i: box_request(p.key, p.global_shape, p.offset, p.shape, p.prepend, p.dtype)
                                   for i, p in enumerate(pieces)})
     regions = {(e.source_key, e.source_offset, e.source_shape) for e in expectations}
     regions |= {_whole(src, e.sigma_key, e) for e in expectations if e.noisy}
-    source = read_boxes(src.path, {r: _box(r[0], src.shapes[r[0]], r[1], r[2], 0, src.dtypes[r[0]])
+    source = read_boxes(src.path, {r: box_request(r[0], src.shapes[r[0]], r[1], r[2], 0, src.dtypes[r[0]])
                                    for r in regions})
     for i, (piece, exp) in enumerate(zip(pieces, expectations)):
         report.pieces += 1
@@ -214,12 +214,3 @@ def _whole(src: CheckpointInfo, key: str, exp: Expectation) -> tuple:
     global_shape = src.shapes[key]
     p = offline.stacked_axes(key)
     return key, tuple(exp.source_offset[:p]) + (0,) * (len(global_shape) - p), (1,) * p + tuple(global_shape[p:])
-
-
-def _box(key, global_shape, offset, shape, prepend, dtype):
-    """A read request: `shape` at `offset`, its first `prepend` axes left out of `shape`."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    return ShardedTensor(key=key, data=torch.empty(shape, dtype=dtype), dtype=dtype, local_shape=tuple(shape),
-                         global_shape=tuple(global_shape), global_offset=tuple(offset),
-                         axis_fragmentations=None, replica_id=0, prepend_axis_num=prepend)
