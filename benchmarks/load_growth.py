@@ -48,6 +48,13 @@ def grown_shape(shape):
     return MoEShape(plan.target_num_layers, plan.target_num_experts, shape.hidden, shape.moe_ffn)
 
 
+def source_dir(work) -> Path:
+    """The source checkpoint's iteration directory (its root holds the tracker file)."""
+    from megatron_recycle.checkpoint import iteration_dir
+
+    return iteration_dir(Path(work) / "src", 1)
+
+
 # --- rank side ------------------------------------------------------------------------------
 def rank_main(args):
     import warnings
@@ -57,34 +64,29 @@ def rank_main(args):
     import torch
     import torch.distributed as dist
 
-    from megatron_recycle import cpu
+    from megatron_recycle import cpu, toy
 
     cpu.install()
     from megatron.core import dist_checkpointing
 
     import synthetic_moe
+    from megatron_recycle.checkpoint import iteration_dir
     from megatron_recycle.strategy import GrowthLoadStrategy
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     shape = shape_for(args.gb)
     plan = plan_for(shape)
-    src, grown = Path(args.work) / "source", Path(args.work) / "grown"
+    src, grown = source_dir(args.work), iteration_dir(Path(args.work) / "grown", 1)
     result = {}
     if args.phase == "source":
-        if rank == 0:
-            src.mkdir(parents=True)
-        dist.barrier()
-        dist_checkpointing.save(synthetic_moe.state_dict(shape, rank, world, random=True), str(src))
+        toy.save_checkpoint(src.parent, 1, synthetic_moe.state_dict(shape, rank, world, random=True))
     elif args.phase == "grown":  # a checkpoint of the grown shape, for the plain load
-        if rank == 0:
-            grown.mkdir(parents=True)
-        dist.barrier()
         target = synthetic_moe.state_dict(grown_shape(shape), rank, world, random=False)
         dist_checkpointing.load(target, str(src), GrowthLoadStrategy(plan))
         for sh in target.values():
             sh.replica_id = 0 if sh.prepend_axis_num == 2 or rank == 0 else rank
-        dist_checkpointing.save(target, str(grown))
+        toy.save_checkpoint(grown.parent, 1, target)
     elif args.phase == "time":
         target = synthetic_moe.state_dict(grown_shape(shape), rank, world, random=False)
         times = {"plain": [], "grow": [], "grow_alpha0": []}
@@ -112,11 +114,7 @@ def rank_main(args):
     dist.all_gather_object(gathered, result)
     if rank == 0 and args.result:
         Path(args.result).write_text(json.dumps(gathered))
-    dist.barrier()
-    dist.destroy_process_group()
-    import multiprocessing.util
-
-    multiprocessing.util._exit_function()  # reap dist_checkpointing's writer helpers
+    toy.finish()
 
 
 # --- orchestration --------------------------------------------------------------------------
@@ -132,7 +130,6 @@ def launch(ranks: int, *args) -> None:
 
 
 def measure(gb: float, ranks: int, repeats: int, workdir: Path) -> dict:
-    sys.path.insert(0, str(HERE))
     shape = shape_for(gb)
     work = Path(tempfile.mkdtemp(dir=workdir))
     try:

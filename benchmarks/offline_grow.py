@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from load_growth import grown_shape, launch, shape_for, slope  # noqa: E402
+from load_growth import grown_shape, launch, shape_for, slope, source_dir  # noqa: E402
 
 
 def timed(cmd) -> tuple[float, int]:
@@ -40,10 +40,7 @@ def measure(gb: float, repeats: int, workers: list[int], workdir: Path) -> dict:
     work = Path(tempfile.mkdtemp(dir=workdir))
     try:
         launch(2, "--phase", "source", "--gb", gb, "--work", work)
-        source = work / "src" / "iter_0000001"  # a Megatron checkpoint root around it
-        source.parent.mkdir()
-        (work / "source").rename(source)
-        (source.parent / "latest_checkpointed_iteration.txt").write_text("1")
+        source = source_dir(work)
         variants = {f"grow_w{w}": (w, "0.01") for w in workers}
         variants[f"grow_w{workers[0]}_alpha0"] = (workers[0], "0")
         times = {name: [] for name in variants} | {"copy": []}

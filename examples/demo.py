@@ -97,28 +97,21 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def val_curve(records: list[dict]) -> list[tuple[int, float]]:
-    return [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+def curve(records: list[dict], metric: str) -> list[tuple[int, float]]:
+    return [(r["iteration"], r[metric]) for r in records if metric in r]
 
 
 def summarize(args, base, grown, scratch) -> dict:
-    base_at_growth = val_curve(base)[-1][1]
-    grown_curve, scratch_curve = val_curve(grown), val_curve(scratch)
+    curves = {name: {"val": curve(records, "val_loss"), "train": curve(records, "train_loss")}
+              for name, records in (("base", base), ("grown", grown), ("scratch", scratch))}
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "base_at_growth": base_at_growth,
-        "grown_right_after_growth": grown_curve[0][1],
-        "grown_after_extra": grown_curve[-1][1],
-        "scratch_at_start": scratch_curve[0][1],
-        "scratch_after_extra": scratch_curve[-1][1],
-        "curves": {
-            "base": {"val": val_curve(base), "train": [(r["iteration"], r["train_loss"])
-                                                       for r in base if "train_loss" in r]},
-            "grown": {"val": grown_curve, "train": [(r["iteration"], r["train_loss"])
-                                                    for r in grown if "train_loss" in r]},
-            "scratch": {"val": scratch_curve, "train": [(r["iteration"], r["train_loss"])
-                                                        for r in scratch if "train_loss" in r]},
-        },
+        "base_at_growth": curves["base"]["val"][-1][1],
+        "grown_right_after_growth": curves["grown"]["val"][0][1],
+        "grown_after_extra": curves["grown"]["val"][-1][1],
+        "scratch_at_start": curves["scratch"]["val"][0][1],
+        "scratch_after_extra": curves["scratch"]["val"][-1][1],
+        "curves": curves,
     }
 
 

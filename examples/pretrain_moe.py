@@ -349,11 +349,10 @@ def _set_adam_step(optimizer_state, step: Optional[float]) -> None:
             group["step"] = step
 
 
-def resume(run: Run, path: Path) -> None:
+def resume(run: Run, info: CheckpointInfo) -> None:
     """Continue a checkpoint of this same model, in any layout."""
     from megatron.core import dist_checkpointing
 
-    info = CheckpointInfo.read(path)
     request = checkpoint_state(run, is_loading=True)
     loaded = dist_checkpointing.load(request, str(info.path))
     _apply_loaded(run, request, loaded, info.common)
@@ -423,7 +422,7 @@ def setup(args) -> Run:
     elif args.load:
         info = CheckpointInfo.read(args.load)
         run = build_run(args, spec_from(info.args), layout)
-        resume(run, args.load)
+        resume(run, info)
     else:
         run = build_run(args, spec_from(args), layout)
     return run
@@ -465,15 +464,6 @@ def main(argv=None) -> Run:
         return train(run)
 
 
-def finish() -> None:
-    """Leave cleanly: reap dist_checkpointing's writer helpers, then the process group."""
-    import multiprocessing.util
-
-    dist.barrier()
-    dist.destroy_process_group()
-    multiprocessing.util._exit_function()
-
-
 if __name__ == "__main__":
     main()
-    finish()
+    toy.finish()

@@ -210,6 +210,18 @@ def megatron_args(spec: ToySpec, layout: Layout, **extra):
     )
 
 
+def finish() -> None:
+    """Leave a distributed run cleanly: barrier, destroy the process group, then reap the
+    writer helpers dist_checkpointing's save started (else the interpreter waits on them)."""
+    import multiprocessing.util
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    multiprocessing.util._exit_function()
+
+
 def save_checkpoint(root, iteration: int, state_dict: dict) -> None:
     """Save like Megatron-LM: `iter_XXXXXXX/` via dist_checkpointing, then the tracker file.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -51,8 +53,9 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_source(spec, layout, root, iteration=1, seed=1, like=None):
-    """Build `spec` at `layout` (weights from the checkpoint `like`, if given) and save it."""
+def save_source(spec, layout, root, iteration=1, seed=1, like=None, **common):
+    """Build `spec` at `layout` (weights from the checkpoint `like`, if given) and save it,
+    with `common` added to its common state."""
     from megatron.core import dist_checkpointing
 
     from megatron_recycle import toy
@@ -66,6 +69,7 @@ def save_source(spec, layout, root, iteration=1, seed=1, like=None):
         "model": toy.sharded_state_dict(chunks),
         "args": toy.megatron_args(spec, layout),
         "iteration": iteration,
+        **common,
     })
     return chunks
 
@@ -95,6 +99,35 @@ def grow_into(spec, plan, layout, source_dir, seed=99, fully_parallel=False, str
                                         strategy)
     toy.load_state(chunks, state["model"])
     return chunks
+
+
+_OPTIMIZER_PREFIX = re.compile(r"^optimizer\.state\.([a-z_0-9]+)\.")
+
+
+def model_key(key: str) -> str:
+    """The model tensor an optimizer state key belongs to (the key itself for a model key)."""
+    return _OPTIMIZER_PREFIX.sub("", key)
+
+
+def optimizer_state_kind(key: str) -> str:
+    """`exp_avg`, `exp_avg_sq`, `fp32_param`, … for an optimizer state key; `model` otherwise."""
+    match = _OPTIMIZER_PREFIX.match(key)
+    return match[1] if match else "model"
+
+
+def indexed_by_expert(key: str) -> bool:
+    return ".experts.experts." in key or key.endswith((".router.weight", ".router.expert_bias"))
+
+
+def by_plan(plan, key: str, source: torch.Tensor) -> torch.Tensor:
+    """The plan, written out independently of the hook: the stacked source tensor indexed by
+    the layer map and (where experts index it) the expert map; no noise."""
+    if not model_key(key).startswith("decoder.layers."):
+        return source
+    out = source[torch.tensor(plan.layer_map)]
+    if indexed_by_expert(key):
+        out = out[:, torch.tensor([e for e, _ in plan.expert_map()])]
+    return out
 
 
 def tree_digest(root) -> str:

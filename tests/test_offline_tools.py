@@ -1,6 +1,5 @@
 """The offline tools (`megatron-recycle grow | verify | inspect | plan`) on real torch_dist checkpoints."""
 
-import hashlib
 import os
 import shutil
 import signal
@@ -25,23 +24,11 @@ def cli(*args, check=True):
     return proc
 
 
-def tree_digest(root):
-    h = hashlib.sha256()
-    for dirpath, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, root).encode())
-            with open(path, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def grown(ranks, tmp_path_factory):
     out = tmp_path_factory.mktemp("offline")
     ranks("offline_roundtrip.py", 2, "source", out)
-    before = tree_digest(out / "src")
+    before = ckpt_tools.tree_digest(out / "src")
     proc = cli("grow", "--load", out / "src", "--save", out / "dst", *GROW_FLAGS,
                "--workers", 2, "--batch-size-mb", 0.05)
     return out, before, proc.stderr
@@ -56,7 +43,7 @@ def test_plain_megatron_core_loads_exactly_what_the_load_hook_gives(ranks, grown
 
 def test_source_is_byte_identical_and_progress_is_shown(grown):
     out, before, log = grown
-    assert tree_digest(out / "src") == before
+    assert ckpt_tools.tree_digest(out / "src") == before
     assert "batch 1/" in log and "wrote" in log
     assert not [p for p in out.iterdir() if p.name.startswith(".dst.")]  # no staging left
 
@@ -138,7 +125,7 @@ def test_overwrite_replaces_the_destination_and_leaves_nothing_beside_it(grown):
     for alpha in ("0", "0.01"):
         cli("grow", "--load", out / "src-mixed", "--save", dest, "--grow-experts", "2",
             "--grow-noise-alpha", alpha, "--overwrite")
-        digests.append(tree_digest(dest))
+        digests.append(ckpt_tools.tree_digest(dest))
     assert digests[0] != digests[1]  # the second run's (noisy) checkpoint replaced the first
     assert "verify: OK" in cli("verify", "--source", out / "src-mixed", "--grown", dest).stdout
     assert not [p.name for p in out.iterdir() if p.name.startswith(".again")]
@@ -160,7 +147,7 @@ def test_killed_grow_leaves_no_loadable_destination(grown):
     staging = [p for p in out.iterdir() if p.name.startswith(".killed.partial-")]
     assert staging and not any((p / "latest_checkpointed_iteration.txt").exists() for p in staging)
     assert not any((p / "iter_0000005" / ".metadata").exists() for p in staging)
-    assert tree_digest(out / "src") == before
+    assert ckpt_tools.tree_digest(out / "src") == before
 
 
 # --- inspect / plan: numbers against counts written out by hand ---------------------------------

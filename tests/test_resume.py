@@ -4,19 +4,18 @@ megatron-core, examples/pretrain_moe.py)."""
 
 import json
 import math
-import re
 
 import pytest
 import torch
 
 import ckpt_tools
+from megatron_recycle.checkpoint import iteration_dir
 from megatron_recycle.plan import GrowthError
 from megatron_recycle.resume import Progress, load_moment_policy, schedule_after_growth
 from workers.resume_scenario import BASE_ITERS, GROWN_ITERS, PLAN
 
 BETA1, BETA2 = 0.9, 0.95  # the loop's Adam
 GLOBAL_BATCH = 8
-_OPTIMIZER_PREFIX = re.compile(r"^optimizer\.state\.([a-z_0-9]+)\.")
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +30,11 @@ def metrics(out, name):
 
 
 def tensors(out, name, iteration):
-    return ckpt_tools.read_checkpoint(out / name / f"iter_{int(iteration):07d}")
+    return ckpt_tools.read_checkpoint(iteration_dir(out / name, int(iteration)))
 
 
 def common(out, name, iteration):
-    return torch.load(out / name / f"iter_{int(iteration):07d}" / "common.pt", weights_only=False)
+    return torch.load(iteration_dir(out / name, int(iteration)) / "common.pt", weights_only=False)
 
 
 def adam_steps(state):
@@ -46,30 +45,12 @@ def adam_steps(state):
     return steps.union(*(adam_steps(v) for v in state.values()))
 
 
-def model_key(key):
-    return _OPTIMIZER_PREFIX.sub("", key)
-
-
-def is_expert_keyed(key):
-    return ".experts.experts." in key or key.endswith(".router.weight")
-
-
-def by_plan(key, source):
-    """The source tensor indexed by the plan's layer and expert maps (no noise)."""
-    if not model_key(key).startswith("decoder.layers."):
-        return source
-    out = source[torch.tensor(PLAN.layer_map)]
-    if is_expert_keyed(key):
-        out = out[:, torch.tensor([e for e, _ in PLAN.expert_map()])]
-    return out
-
-
 def copies(key, shape, layers_too):
     """Mask over [layer, expert] (or [layer]) of entries that are copies, not originals."""
-    if not model_key(key).startswith("decoder.layers."):
+    if not ckpt_tools.model_key(key).startswith("decoder.layers."):
         return torch.zeros(shape[:1], dtype=torch.bool)
     layer = torch.tensor([c > 0 for c in PLAN.layer_copy]) & layers_too
-    if not is_expert_keyed(key):
+    if not ckpt_tools.indexed_by_expert(key):
         return layer
     expert = torch.tensor([c > 0 for _, c in PLAN.expert_map()])
     return layer[:, None] | expert[None, :]
@@ -104,8 +85,8 @@ def test_optimizer_copy_maps_moments_and_main_params_like_the_weights(out):
     assert set(grown) == set(source)
     kinds = set()
     for key, t in grown.items():
-        want = by_plan(key, source[key])
-        kind = (_OPTIMIZER_PREFIX.match(key) or [None, "model"])[1]
+        want = ckpt_tools.by_plan(PLAN, key, source[key])
+        kind = ckpt_tools.optimizer_state_kind(key)
         kinds.add(kind)
         if kind in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(t, want), f"{key}: moments not copied by the growth mapping"
@@ -115,7 +96,7 @@ def test_optimizer_copy_maps_moments_and_main_params_like_the_weights(out):
         if noisy.any():
             assert not torch.equal(t[noisy], want[noisy]), f"{key}: copies got no noise"
         if kind == "param":
-            assert torch.equal(t, grown[model_key(key)]), f"{key}: main param != weight"
+            assert torch.equal(t, grown[ckpt_tools.model_key(key)]), f"{key}: main param != weight"
     assert {"model", "param", "exp_avg", "exp_avg_sq"} <= kinds
     assert adam_steps(common(out, "grown_copy", BASE_ITERS)) == {float(BASE_ITERS)}
 
@@ -126,7 +107,7 @@ def check_zero_policy(out, keys):
     for key, t in grown.items():
         if not key.startswith(("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")) or not keys(key):
             continue
-        want, copy = by_plan(key, source[key]), copies(key, t.shape, layers_too=True)
+        want, copy = ckpt_tools.by_plan(PLAN, key, source[key]), copies(key, t.shape, layers_too=True)
         assert torch.equal(t[~copy], want[~copy]), f"{key}: original moments changed"
         assert not t[copy].any(), f"{key}: copies' moments not zero"
         zeroed += int(copy.any())

@@ -6,7 +6,7 @@ import warnings
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-from megatron_recycle import cpu  # noqa: E402
+from megatron_recycle import cpu, toy  # noqa: E402
 
 cpu.install()
 
@@ -20,12 +20,7 @@ def init():
 
 
 def finish():
-    """Leave cleanly: barrier, then reap dist_checkpointing's writer helpers."""
-    import multiprocessing.util
-
-    dist.barrier()
-    dist.destroy_process_group()
-    multiprocessing.util._exit_function()
+    toy.finish()
 
 
 def report(path, obj, every_rank=True):

@@ -8,32 +8,25 @@ import sys
 
 import _boot
 
+import ckpt_tools
 from megatron_recycle import megatron_lm, toy
 from megatron_recycle.checkpoint import PROVENANCE_KEY
 
 SPEC = toy.ToySpec(num_layers=4, experts=4, topk=2)
 
 
-def save(spec, root, iteration, **common):
-    layout = toy.Layout()
-    toy.init_parallel(layout)
-    chunks = toy.build(spec, layout)
-    toy.save_checkpoint(root, iteration, {"model": toy.sharded_state_dict(chunks),
-                                          "args": toy.megatron_args(spec, layout),
-                                          "iteration": iteration, **common})
-
-
 def main(out):
     _boot.init()
-    save(SPEC, f"{out}/base", 5)
-    save(SPEC, f"{out}/base_dp", 5,
-         content_metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    ckpt_tools.save_source(SPEC, toy.Layout(), f"{out}/base", 5)
+    ckpt_tools.save_source(SPEC, toy.Layout(), f"{out}/base_dp", 5,
+                           content_metadata={"distrib_optim_sharding_type": "dp_reshardable"})
     from test_megatron_lm import parse  # the tests' own argument parsing
 
     args, explicit = parse(["--load", f"{out}/base", "--grow-depth", "2", "--grow-experts", "2",
                             "--grow-optimizer", "reset"])
     decision = megatron_lm.configure(args, explicit)
-    save(SPEC.grown(decision.plan), f"{out}/grown", 7, **{PROVENANCE_KEY: decision.provenance})
+    ckpt_tools.save_source(SPEC.grown(decision.plan), toy.Layout(), f"{out}/grown", 7,
+                           **{PROVENANCE_KEY: decision.provenance})
     _boot.finish()
 
 

@@ -10,7 +10,6 @@ loads the source through the hook at the same layouts, and writes OUT/compare.js
 """
 
 import dataclasses
-import json
 import sys
 
 import _boot
@@ -20,6 +19,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+import ckpt_tools
 from megatron_recycle import toy
 from megatron_recycle.strategy import GrowthLoadStrategy
 from offline_specs import MIXED
@@ -52,13 +52,7 @@ def save_sources(out):
     state.update(args=toy.megatron_args(SPEC, toy.Layout(tp=2)), iteration=5)
     toy.save_checkpoint(f"{out}/src", 5, state)
 
-    toy.init_parallel(toy.Layout(ep=2))
-    chunks = toy.build(MIXED, toy.Layout(ep=2), seed=2)
-    toy.save_checkpoint(f"{out}/src-mixed", 3, {
-        "model": toy.sharded_state_dict(chunks),
-        "args": toy.megatron_args(MIXED, toy.Layout(ep=2)),
-        "iteration": 3,
-    })
+    ckpt_tools.save_source(MIXED, toy.Layout(ep=2), f"{out}/src-mixed", iteration=3, seed=2)
 
 
 def tensors(state):
@@ -87,9 +81,7 @@ def compare(src, grown, out):
             assert t.dtype == hooked[key].dtype and torch.equal(t, hooked[key]), (
                 f"{name}: {key} differs between the offline-grown checkpoint and the load hook")
         counts[name] = len(plain)
-    if rank == 0:
-        with open(f"{out}/compare.json", "w") as f:
-            json.dump(counts, f)
+    _boot.report(f"{out}/compare.json", counts, every_rank=False)
     _boot.finish()
 
 
