@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="megatron-recycle",
-    version="0.1.0",
+    version="0.2.0",
     description="Grow pretrained Megatron-Core MoE checkpoints (depth x experts) at load time "
     "into any TP/EP/PP layout, and resume pretraining.",
     long_description=open("README.md").read(),

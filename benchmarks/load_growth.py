@@ -50,7 +50,7 @@ def grown_shape(shape):
 
 def source_dir(work) -> Path:
     """The source checkpoint's iteration directory (its root holds the tracker file)."""
-    from megatron_recycle.checkpoint import iteration_dir
+    from megatron_recycle.io.checkpoint import iteration_dir
 
     return iteration_dir(Path(work) / "src", 1)
 
@@ -64,14 +64,14 @@ def rank_main(args):
     import torch
     import torch.distributed as dist
 
-    from megatron_recycle import cpu, toy
+    from megatron_recycle.testing import cpu, toy
 
     cpu.install()
     from megatron.core import dist_checkpointing
 
     import synthetic_moe
-    from megatron_recycle.checkpoint import iteration_dir
-    from megatron_recycle.strategy import GrowthLoadStrategy
+    from megatron_recycle.io.checkpoint import iteration_dir
+    from megatron_recycle.load_hook import GrowthLoadStrategy
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -38,11 +38,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import VOCAB_SIZE, ByteCorpus  # noqa: E402
 
-from megatron_recycle import cpu, toy  # noqa: E402
-from megatron_recycle.checkpoint import CheckpointInfo  # noqa: E402
+from megatron_recycle.testing import cpu, toy  # noqa: E402
+from megatron_recycle.io.checkpoint import CheckpointInfo  # noqa: E402
 from megatron_recycle.options import add_growth_args, growth_from_args  # noqa: E402
 from megatron_recycle.plan import GrowthPlan  # noqa: E402
-from megatron_recycle.resume import Progress, load_moment_policy, schedule_after_growth  # noqa: E402
+from megatron_recycle.policy import Progress, apply_schedule_after_growth, load_moment_policy  # noqa: E402
 
 # How the optimizer's sharded state is requested and saved: model-space tensors (growable,
 # reshardable to any layout), and no `chained_N.` prefixes when experts have their own
@@ -365,19 +365,18 @@ def grow(run: Run, info: CheckpointInfo, plan: GrowthPlan) -> None:
     """Load the smaller model's checkpoint into this (grown) run through the growth hook."""
     from megatron.core import dist_checkpointing
 
-    from megatron_recycle.strategy import GrowthLoadStrategy
+    from megatron_recycle.load_hook import GrowthLoadStrategy
 
     a = run.args
     moments = load_moment_policy(a.grow_optimizer, info.optimizer_format)
-    strategy = GrowthLoadStrategy(plan, moment_policy=moments or "copy")
+    strategy = GrowthLoadStrategy(plan, optimizer_policy=a.grow_optimizer)
     request = checkpoint_state(run, with_optimizer=moments is not None, is_loading=True)
     loaded = dist_checkpointing.load(request, str(info.path), strategy)
     _apply_loaded(run, request, loaded, info.common)
     source = Progress.from_common(info.common)
-    schedule = schedule_after_growth(source, a.grow_rewarmup_iters, run.samples_per_step)
-    if schedule is not None:
-        run.scheduler.load_state_dict(schedule)
-    run.progress = dataclasses.replace(source, scheduler=schedule)
+    apply_schedule_after_growth(run.scheduler, source.scheduler, a.grow_rewarmup_iters,
+                                run.samples_per_step)
+    run.progress = dataclasses.replace(source, scheduler=run.scheduler.state_dict())
     run.grown_at = source.iteration
     log(f"grew {info.path} (iteration {source.iteration}) into {run.spec.num_layers} layers x "
              f"{run.spec.experts} experts at {run.layout}; optimizer: {a.grow_optimizer}")

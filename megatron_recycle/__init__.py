@@ -1,8 +1,27 @@
 """megatron-recycle: grow pretrained Megatron-Core MoE checkpoints (depth x experts) at load
-time, into any TP/EP/PP layout, and keep training."""
+time, into any TP/EP/PP layout, and keep training.
 
-__version__ = "0.1.0"
+The growth engine, in the order data flows:
+    plan (what comes from where) → indexing (keys, index algebra) → mapping (target shard →
+    source box) → ops (tensors, noise) → load_hook (the torch_dist load strategy).
+Around it: policy (optimizer / schedule), provenance (the growth record), compat (megatron-core
+releases), io/ (checkpoint reading, writing, destinations), manifest + offline + verify + cost +
+inspection + cli (the offline tools), megatron_lm/ (Megatron-LM), testing/ (CPU shims, toy
+models: not used by growth itself).
+"""
 
-from .plan import Architecture, DepthGrowth, GrowthError, GrowthPlan, WidthGrowth  # noqa: F401
+__version__ = "0.2.0"
 
-__all__ = ["Architecture", "DepthGrowth", "GrowthError", "GrowthPlan", "WidthGrowth"]
+from .errors import CheckpointError, GrowthError  # noqa: E402,F401
+from .plan import Architecture, DepthGrowth, GrowthPlan, WidthGrowth  # noqa: E402,F401
+
+__all__ = ["Architecture", "CheckpointError", "DepthGrowth", "GrowthError", "GrowthLoadStrategy",
+           "GrowthPlan", "WidthGrowth"]
+
+
+def __getattr__(name):  # the load hook imports megatron-core: only when asked for
+    if name == "GrowthLoadStrategy":
+        from .load_hook import GrowthLoadStrategy
+
+        return GrowthLoadStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,19 +5,31 @@
     megatron-recycle plan    --load SRC --grow-experts 2 [--tp 2 --ep 8 --pp 4 --gpus 256]
     megatron-recycle verify  --source SRC --grown DST
 
-Each subcommand imports only what it needs, so `inspect` and `plan` stay quick (no
-megatron-core import).
+`grow` also runs as a torch.distributed job (`torchrun … -m megatron_recycle.cli grow …`): the
+ranks share the batches, rank 0 commits.
+
+Exit codes: 0 done; 1 `verify` found mismatches; 2 a usage error (a flag, a size, a
+destination); 3 a checkpoint that cannot be read as it should, or an I/O failure; 130 / 143
+interrupted by SIGINT / SIGTERM (what was being written is removed). Errors are one line
+naming the flag or file and what to do; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import traceback
 from typing import Optional, Sequence
 
+from .errors import EXIT_IO, EXIT_SIGINT, EXIT_SIGTERM, EXIT_VERIFY_FAILED, GrowthError
 from .options import add_growth_args, growth_from_args, growth_options_given
-from .plan import GrowthError, GrowthPlan
+from .plan import GrowthPlan
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
 
 
 def _checkpoint_args(p: argparse.ArgumentParser, flag: str, help: str) -> None:
@@ -26,13 +38,20 @@ def _checkpoint_args(p: argparse.ArgumentParser, flag: str, help: str) -> None:
                    help="iteration to read instead of the one latest_checkpointed_iteration.txt names")
 
 
+def _batch_bytes(args) -> int:
+    if not args.batch_size_mb > 0:
+        raise GrowthError(f"--batch-size-mb must be > 0, got {args.batch_size_mb}")
+    return max(1, int(args.batch_size_mb * 2**20))
+
+
 def _grow(args) -> int:
-    from . import offline
+    from . import distributed, offline
 
     depth, width, optimizer = growth_from_args(args)
+    distributed.init_from_environment()
     offline.grow(args.load, args.save, depth, width, optimizer, step=args.ckpt_step,
-                 overwrite=args.overwrite, workers=args.workers,
-                 batch_bytes=int(args.batch_size_mb * 2**20))
+                 overwrite=args.overwrite, workers=args.workers, batch_bytes=_batch_bytes(args),
+                 remove_stale_staging=args.remove_stale_staging)
     return 0
 
 
@@ -41,15 +60,15 @@ def _verify(args) -> int:
 
     plan = optimizer = None
     if growth_options_given(args):
-        from .checkpoint import CheckpointInfo
+        from .io.checkpoint import CheckpointInfo
 
         depth, width, optimizer = growth_from_args(args)
         plan = GrowthPlan(CheckpointInfo.read(args.source, args.ckpt_step, "--source").architecture(),
                           depth, width)
     report = verify.verify(args.source, args.grown, plan, optimizer, step=args.ckpt_step,
-                           batch_bytes=int(args.batch_size_mb * 2**20))
+                           batch_bytes=_batch_bytes(args))
     print(report.summary(args.max_mismatches))
-    return 0 if report.ok else 1
+    return 0 if report.ok else EXIT_VERIFY_FAILED
 
 
 def _inspect(args) -> int:
@@ -74,17 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-recycle",
         description="Grow pretrained Megatron-Core MoE checkpoints offline, look at them, "
-                    "cost them, and prove them.")
+                    "cost them, and prove them.",
+        epilog="exit codes: 0 done, 1 verify found mismatches, 2 usage error, 3 unreadable "
+               "checkpoint or I/O failure, 130/143 interrupted")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("grow", help="write a grown copy of a checkpoint",
                        description="Write a grown checkpoint that stock Megatron-LM loads with the "
-                                   "grown model arguments and no plugin.")
+                                   "grown model arguments and no plugin. Runs as one process, or "
+                                   "as a torch.distributed job (torchrun) whose ranks share the work.")
     _checkpoint_args(p, "--load", "source checkpoint (root or iter_XXXXXXX directory); never modified")
     p.add_argument("--save", required=True, metavar="DST", help="new checkpoint root to write")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is a Megatron checkpoint root (nothing else is replaced)")
+    p.add_argument("--remove-stale-staging", action="store_true",
+                   help="remove the staging directories interrupted grows into DST left behind")
     p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="processes growing batches in parallel (default: %(default)s)")
+                   help="processes growing batches in parallel, per rank (default: %(default)s)")
     p.add_argument("--batch-size-mb", type=float, default=1024, metavar="MB",
                    help="grown tensor bytes per batch; memory per process stays a small "
                         "multiple of this (default: %(default)s)")
@@ -93,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="prove a grown checkpoint is what its plan says",
                        description="Check every grown tensor against its source slice by the "
-                                   "layer/expert maps, the copies' noise std (alpha * sigma) and "
-                                   "finiteness. The plan is read from the grown checkpoint's "
-                                   "provenance unless --grow-* options are given.")
+                                   "layer/expert maps, every noisy copy against its regenerated "
+                                   "noise (bit for bit), finiteness, and the grown common state. "
+                                   "The plan is read from the grown checkpoint's growth record "
+                                   "unless --grow-* options are given.")
     _checkpoint_args(p, "--source", "the source checkpoint")
     p.add_argument("--grown", required=True, metavar="CKPT", help="the grown checkpoint")
     p.add_argument("--batch-size-mb", type=float, default=1024, metavar="MB",
@@ -128,17 +155,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NOTHING_LEFT = {"grow": "; the partial output was removed, --save is as it was"}
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args)
     except GrowthError as e:
-        print(f"megatron-recycle {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        _report(args, f"error: {e}")
+        return e.exit_code
+    except OSError as e:  # an I/O failure outside the checks (disk gone, permissions changed)
+        where = f"{e.filename}: " if e.filename else ""
+        _report(args, f"error: {where}{e.strerror or e}")
+        return EXIT_IO
     except KeyboardInterrupt:
-        print(f"megatron-recycle {args.command}: interrupted", file=sys.stderr)
-        return 130
+        _report(args, "interrupted (SIGINT)" + _NOTHING_LEFT.get(args.command, ""))
+        return EXIT_SIGINT
+    except Terminated:
+        _report(args, "terminated (SIGTERM)" + _NOTHING_LEFT.get(args.command, ""))
+        return EXIT_SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report(args, message: str) -> None:
+    if args.debug:
+        traceback.print_exc()
+    print(f"megatron-recycle {args.command}: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

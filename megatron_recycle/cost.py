@@ -19,9 +19,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from . import keys
-from .checkpoint import CheckpointInfo
-from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
+from . import indexing
+from .errors import GrowthError
+from .io.checkpoint import CheckpointInfo
+from .plan import DepthGrowth, GrowthPlan, WidthGrowth
 
 BUFFERS = (".router.expert_bias",)
 
@@ -32,7 +33,7 @@ class Counts:
     experts: int  # routed-expert parameters
     embedding: int  # input embedding (a lookup, no FLOPs)
     output: int  # output layer, final norm and MTP: outside the decoder stack
-    active: int
+    active: Optional[int]  # None: top-k unknown (no args in the common state)
 
 
 def count_params(shapes: dict[str, tuple[int, ...]], topk: Optional[int], num_experts: Optional[int]) -> Counts:
@@ -41,15 +42,17 @@ def count_params(shapes: dict[str, tuple[int, ...]], topk: Optional[int], num_ex
         if key.startswith("optimizer.") or key.endswith(BUFFERS):
             continue
         n = math.prod(shape)
-        lay = keys.parse_key(key, 2)
         total += n
-        if lay.expert_axis is not None or lay.expert_in_key is not None:
+        if indexing.parse_key(key, 2).has_expert_index:
             experts += n
         elif key.startswith("embedding."):
             embedding += n
         elif not key.startswith("decoder.layers."):
             output += n
-    active = total - experts + (experts * topk // num_experts if experts else 0)
+    if not experts:
+        active = total
+    else:
+        active = None if topk is None else total - experts + experts * topk // num_experts
     return Counts(total, experts, embedding, output, active)
 
 
@@ -80,7 +83,8 @@ def model_cost(shapes, dtypes, arch, args, layout: Layout) -> dict:
     head_dim = getattr(args, "kv_channels", None) or (
         getattr(args, "hidden_size", 0) // heads if heads else None)
     attention = 12 * arch.num_layers * seq * heads * head_dim if seq and heads and head_dim else None
-    out["train_flops_per_token"] = (6 * (counts.active - counts.embedding) + attention) if attention else None
+    known = attention is not None and counts.active is not None
+    out["train_flops_per_token"] = 6 * (counts.active - counts.embedding) + attention if known else None
     out["checkpoint_bytes"] = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
     out.update(_memory(counts, arch, layout))
     return out
@@ -103,7 +107,7 @@ def _memory(counts: Counts, arch, layout: Layout) -> dict:
 
 
 def plan_report(source, depth: DepthGrowth, width: WidthGrowth, layout: Layout, step=None) -> dict:
-    from .offline import keeps_optimizer, target_tensors
+    from .manifest import keeps_optimizer, target_tensors
 
     info = CheckpointInfo.read(source, step)
     plan = GrowthPlan(info.architecture(), depth, width)

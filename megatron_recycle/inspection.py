@@ -1,4 +1,4 @@
-"""`inspect`: what a checkpoint holds, from its metadata and common.pt (no tensor is read)."""
+"""`inspect`: what a checkpoint holds, from its metadata and common state (no tensor is read)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import re
 
 from . import cost
-from .checkpoint import CheckpointInfo
+from .io.checkpoint import CheckpointInfo
 
 _MLA = re.compile(r"\.linear_(kv|q)_down_proj\.")
 
@@ -53,10 +53,7 @@ def summarize(path, step=None) -> dict:
         "optimizer_format": info.optimizer_format,
         "checkpoint_bytes": sum(
             math.prod(s) * info.dtypes[k].itemsize for k, s in info.shapes.items()),
-        "provenance": None if provenance is None else {
-            k: provenance.get(k) for k in ("source", "iteration", "seed", "version", "optimizer")
-        } | {"layer_map": provenance["plan"]["layer_map"], "width": provenance["plan"]["width"],
-             "depth": provenance["plan"]["depth"]},
+        "provenance": None if provenance is None else provenance.summary(),
     }
 
 
@@ -85,6 +82,7 @@ def table(s: dict) -> str:
         rows += [("grown from", f"{p['source']} (iteration {p['iteration']})"),
                  ("growth", f"depth {p['depth']}, width {p['width']}"),
                  ("layer map", " ".join(map(str, p["layer_map"]))),
-                 ("grown with", f"megatron-recycle {p['version']}, optimizer {p['optimizer']}")]
+                 ("grown with", f"megatron-recycle {p['version']} ({p['grown_by']}), "
+                                f"optimizer {p['optimizer']}")]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:{width}}  {value}" for name, value in rows)

@@ -14,7 +14,7 @@ import os
 import runpy
 import sys
 
-from .plan import GrowthError
+from .errors import GrowthError
 
 USAGE = "usage: python -m megatron_recycle.launch PRETRAIN_SCRIPT.py [MEGATRON-LM ARGS...] [--grow-* ARGS...]"
 
@@ -49,7 +49,7 @@ def _run(script: str) -> None:
     if torch.cuda.is_available():
         runpy.run_path(script, run_name="__main__")
         return
-    from . import cpu
+    from .testing import cpu
 
     cpu.install()
     _initialize_without_cuda()
@@ -66,6 +66,8 @@ def _initialize_without_cuda() -> None:
     import torch
     import torch.distributed as dist
     from megatron.training import initialize, training
+
+    from . import megatron_lm
 
     initialize_megatron = training.initialize_megatron
     initialize_distributed = initialize._initialize_distributed
@@ -88,11 +90,9 @@ def _initialize_without_cuda() -> None:
     torch.cuda.set_rng_state = lambda state, device="cuda": None
     training.initialize_megatron = initialize_megatron_without_cuda
     initialize._initialize_distributed = initialize_distributed_on_gloo
-    try:
-        from megatron.legacy import fused_kernels
-    except ImportError:  # gone from newer Megatron-LM
-        return
-    fused_kernels.load = lambda args: None
+    fused_kernels = megatron_lm.compat.legacy_fused_kernels()
+    if fused_kernels is not None:
+        fused_kernels.load = lambda args: None
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .mapping import Fill, Noise, Region, Unit
+from .mapping import Box, Fill, Noise
 
 NOISE_BLOCK = 1 << 18  # elements drawn from one seed: 1 MiB of fp32, cache-sized
 MAX_THREADS = 16
@@ -65,11 +65,11 @@ def box(offset: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(offset, shape))
 
 
-def region_view(buffers: dict[Region, torch.Tensor], region: Region) -> torch.Tensor:
-    """The data of `region`, from its own read or from a read of its whole unit."""
-    if region in buffers:
-        return buffers[region]
-    return buffers[region.unit.whole()][box(region.offset, region.shape)]
+def box_view(buffers: dict[Box, torch.Tensor], source: Box) -> torch.Tensor:
+    """The data of `source`, from its own read or from a read of its whole unit."""
+    if source in buffers:
+        return buffers[source]
+    return buffers[source.unit()][box(source.offset, source.shape)]
 
 
 def scaled_noise_blocks(seed: int, name: str, layer: int, expert: int, numel: int, scale: float,
@@ -111,7 +111,7 @@ def fill_shard(
     target: torch.Tensor,
     fill: Fill,
     source: torch.Tensor,
-    sigma_of: Callable[[Unit], float],
+    sigma_of: Callable[[Box], float],
     alpha: float,
     seed: int,
 ) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .plan import DEPTH_METHODS, EXPERT_PLACEMENTS, TOPK_POLICIES, DepthGrowth, GrowthError, WidthGrowth
-from .resume import OPTIMIZER_POLICIES, check_rewarmup_iters
+from .policy import OPTIMIZER_POLICIES, check_rewarmup_iters
 
 _DEPTH, _WIDTH = DepthGrowth(), WidthGrowth()
 

@@ -9,16 +9,15 @@ hook, the offline tools) derives from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+from .errors import GrowthError
 
 DEPTH_METHODS = ("interposition", "stack")
 EXPERT_PLACEMENTS = ("append", "interleave")
 TOPK_POLICIES = ("scale", "keep")
-
-
-class GrowthError(ValueError):
-    """A growth option, checkpoint or target that cannot work, with what to change."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +137,9 @@ class GrowthPlan:
             )
         if w.topk not in TOPK_POLICIES:
             raise GrowthError(f"--grow-topk must be one of {TOPK_POLICIES}, got {w.topk!r}")
-        if not w.noise_alpha >= 0:
-            raise GrowthError(f"--grow-noise-alpha must be >= 0, got {w.noise_alpha}")
+        if not (w.noise_alpha >= 0 and math.isfinite(w.noise_alpha)):
+            raise GrowthError(f"--grow-noise-alpha must be a finite number >= 0 (the paper uses "
+                              f"0.01), got {w.noise_alpha}")
         if w.factor > 1 and not self.source.is_moe:
             raise GrowthError(
                 "--grow-experts needs a Mixture-of-Experts source, but the source checkpoint "
@@ -171,6 +171,11 @@ class GrowthPlan:
     def expert_map(self) -> list[tuple[int, int]]:
         return [self.expert_source(e) for e in range(self.target_num_experts or 0)]
 
+    def expert_targets(self, source_expert: int) -> list[int]:
+        """The target experts made from `source_expert` (the original first)."""
+        return [e for e in range(self.target_num_experts or 0)
+                if self.expert_source(e)[0] == source_expert]
+
     def _check_groups(self):
         src, w = self.source, self.width
         groups = src.router_num_groups
@@ -196,6 +201,10 @@ class GrowthPlan:
     def layer_source(self, target_layer: int) -> tuple[int, int]:
         """Target decoder layer → (source layer, copy index; 0 = the original)."""
         return self.layer_map[target_layer], self.layer_copy[target_layer]
+
+    def layer_targets(self, source_layer: int) -> list[int]:
+        """The target layers made from `source_layer` (the original first)."""
+        return [t for t, s in enumerate(self.layer_map) if s == source_layer]
 
     @property
     def target_topk(self) -> Optional[int]:

@@ -1,10 +1,14 @@
 """Prove a grown checkpoint is what its plan says, independently of how it was grown.
 
 The expectation is restated here from the plan alone (layer map, expert map, zero-init and
-optimizer policies): for every grown tensor piece, the source slice it must equal, and where
-copies get noise, the noise must have std α·σ(source unit) within statistical bounds and
-zero mean. Nothing here uses the growth operators (`ops.py`) or the load hook; checkpoints
-are read piece by piece, so memory stays bounded like `grow`.
+optimizer policies), not with the load hook's mapping: for every grown tensor piece, the
+source box it must equal. Copies that get noise are checked exactly: the noise is a fixed
+function of (seed, tensor, target layer, target expert, block), so it is drawn again here, on
+the whole unit, scaled by α·σ of the source unit (σ computed here), and every element must
+match bit for bit; the noise's std and mean are checked too, as a second line. The common
+state is checked against the tensors: the grown args (layers, experts, top-k, MoE pattern),
+the iteration and the growth record. Checkpoints are read piece by piece, so memory stays
+bounded like `grow`.
 """
 
 from __future__ import annotations
@@ -15,61 +19,81 @@ from typing import Optional
 
 import torch
 
-from . import keys, offline
-from .checkpoint import CheckpointInfo
-from .plan import GrowthError, GrowthPlan
+from . import indexing, manifest, ops, policy
+from .errors import GrowthError
+from .io.checkpoint import CheckpointInfo
+from .mapping import Box
+from .plan import GrowthPlan
 
 
-@dataclass
+@dataclass(frozen=True)
 class Expectation:
-    """Where a grown piece comes from and what was done to it."""
+    """What one grown piece must be: its source box, and what was done to it."""
 
-    source_key: str
-    source_offset: tuple[int, ...]
-    source_shape: tuple[int, ...]  # prepended axes included
-    rows: Optional[list[int]]  # router: source row per target row
-    copy_rows: list[int]  # router: local rows that are copies
+    source: Box  # the source box (whole rows of all source experts for router rows)
+    layer: int  # target layer, -1 outside the decoder stack
+    expert: Optional[int]  # target expert of an expert unit
+    rows: Optional[tuple[int, ...]]  # router rows: source row per target row
+    row_experts: tuple[int, ...]  # router rows: target expert per local row
+    copy_rows: tuple[int, ...]  # router rows: local rows that are copies
     zero: bool
-    zero_rows: list[int]  # router moments under the `zero` policy: the copied rows
+    zero_rows: tuple[int, ...]  # router moments under the `zero` policy: the copied rows
     noisy: bool  # a copy of an expert (or router rows) that gets noise
+    noise_name: str  # the noise stream's tensor name
     sigma_key: str  # whose σ scales the noise
 
 
-def expectation(plan: GrowthPlan, piece: offline.TensorPiece, source_shapes, moment_policy: str) -> Expectation:
-    p = piece.prepend
-    lay = keys.parse_key(piece.key, p)
-    offset = list(piece.offset)
-    layer = expert = None
+def expectation(plan: GrowthPlan, piece: manifest.Piece, source_shapes, moment_policy: str) -> Expectation:
+    box = piece.box
+    prepend = len(box.index)
+    layout = indexing.parse_key(box.key, prepend)
+    index = list(box.index)
+    layer = -1
+    source_layer = source_expert = expert = None
     layer_copy = expert_copy = 0
-    if lay.decoder and lay.has_layer:
-        t = offset[lay.layer_axis] if lay.layer_axis is not None else lay.layer_in_key
-        layer, layer_copy = plan.layer_source(t)
-        if lay.layer_axis is not None:
-            offset[lay.layer_axis] = layer
-    if lay.expert_axis is not None or lay.expert_in_key is not None:
-        e = offset[lay.expert_axis] if lay.expert_axis is not None else lay.expert_in_key
-        expert, expert_copy = plan.expert_source(e)
-        if lay.expert_axis is not None:
-            offset[lay.expert_axis] = expert
-    shape = [1] * p + list(piece.shape)
-    rows, copy_rows = None, []
-    if lay.expert_rows and plan.source.is_moe:
-        targets = range(piece.offset[p], piece.offset[p] + piece.shape[0])
-        rows = [plan.expert_source(r)[0] for r in targets]
-        copy_rows = [i for i, r in enumerate(targets) if plan.expert_source(r)[1] > 0]
-        offset[p], shape[p] = 0, plan.source.num_experts
-    source_key = lay.with_indices(layer, expert)
-    zero_moments = lay.is_optimizer_moment and moment_policy == "zero"
-    zero = (plan.depth.zero_copy_outputs and layer_copy > 0 and lay.decoder and lay.is_output_projection) or (
-        zero_moments and (layer_copy > 0 or expert_copy > 0))
-    zero_rows = copy_rows if zero_moments and not zero else []
-    noisy = (plan.width.noise_alpha > 0 and not zero and not lay.is_optimizer_moment
+    if layout.decoder and layout.has_layer:
+        layer = index[layout.layer_axis] if layout.layer_axis is not None else layout.layer_in_key
+        source_layer, layer_copy = plan.layer_map[layer], plan.layer_copy[layer]
+        if layout.layer_axis is not None:
+            index[layout.layer_axis] = source_layer
+    if layout.expert_axis is not None or layout.expert_in_key is not None:
+        expert = index[layout.expert_axis] if layout.expert_axis is not None else layout.expert_in_key
+        source_expert, expert_copy = plan.expert_source(expert)
+        if layout.expert_axis is not None:
+            index[layout.expert_axis] = source_expert
+    source_key = layout.with_indices(source_layer, source_expert)
+    offset, shape = list(box.offset), list(box.shape)
+    rows, targets, copy_rows = None, (), ()
+    if layout.expert_rows and plan.source.is_moe:
+        targets = tuple(range(box.offset[0], box.offset[0] + box.shape[0]))
+        rows = tuple(plan.expert_source(r)[0] for r in targets)
+        copy_rows = tuple(i for i, r in enumerate(targets) if plan.expert_source(r)[1] > 0)
+        offset[0], shape[0] = 0, plan.source.num_experts
+    zero_moments = layout.is_optimizer_moment and moment_policy == "zero"
+    zero = (plan.depth.zero_copy_outputs and layer_copy > 0 and layout.decoder
+            and layout.is_output_projection) or (zero_moments and (layer_copy > 0 or expert_copy > 0))
+    zero_rows = copy_rows if zero_moments and not zero else ()
+    noisy = (plan.width.noise_alpha > 0 and not zero and not layout.is_optimizer_moment
              and (expert_copy > 0 or bool(copy_rows)))
     sigma_key = source_key
-    if lay.is_master_param and source_shapes.get(source_key[len(lay.prefix):]) == source_shapes.get(source_key):
-        sigma_key = source_key[len(lay.prefix):]  # master params get the weight's noise
-    return Expectation(source_key, tuple(offset), tuple(shape), rows, copy_rows, zero, zero_rows,
-                       noisy, sigma_key)
+    weight_key = source_key[len(layout.prefix):]
+    if layout.is_master_param and source_shapes.get(weight_key) == source_shapes.get(source_key):
+        sigma_key = weight_key  # master params get the weight's noise
+    source = Box(source_key, tuple(source_shapes[source_key]), tuple(index), tuple(offset), tuple(shape))
+    return Expectation(source, layer, expert, rows, targets, copy_rows, zero, zero_rows, noisy,
+                       layout.canonical_name(), sigma_key)
+
+
+def unit_noise(seed: int, name: str, layer: int, expert: int, unit_shape, scale: float) -> torch.Tensor:
+    """The noise of one whole copied unit, drawn block by block from the seed's definition
+    (`ops.noise_seed`, `ops.NOISE_BLOCK`): scale·N(0, 1) in fp32, shaped like the unit."""
+    numel = math.prod(unit_shape)
+    out = torch.empty(numel, dtype=torch.float32)
+    for block, lo in enumerate(range(0, numel, ops.NOISE_BLOCK)):
+        gen = torch.Generator().manual_seed(ops.noise_seed(seed, name, layer, expert, block))
+        n = min(ops.NOISE_BLOCK, numel - lo)
+        out[lo:lo + n] = torch.randn(n, generator=gen, dtype=torch.float32).mul_(scale)
+    return out.view(tuple(unit_shape))
 
 
 @dataclass
@@ -87,11 +111,12 @@ class Report:
     def summary(self, limit: int = 10) -> str:
         noise = ""
         if self.ratios:
-            noise = (f"; {self.noisy} noisy copies, noise std / (alpha*sigma) in "
-                     f"[{min(self.ratios):.3f}, {max(self.ratios):.3f}]")
+            noise = (f"; {self.noisy} noisy copies equal their regenerated noise bit for bit, "
+                     f"noise std / (alpha*sigma) in [{min(self.ratios):.3f}, {max(self.ratios):.3f}]")
         if self.ok:
-            return f"verify: OK: {self.pieces} pieces of {self.tensors} tensors match the plan{noise}"
-        lines = [f"verify: FAILED: {len(self.mismatches)} mismatch(es) in {self.pieces} pieces{noise}"]
+            return (f"verify: OK: {self.pieces} pieces of {self.tensors} tensors and the common "
+                    f"state match the plan{noise}")
+        lines = [f"verify: FAILED: {len(self.mismatches)} mismatch(es) in {self.pieces} pieces"]
         lines += [f"  {m}" for m in self.mismatches[:limit]]
         if len(self.mismatches) > limit:
             lines.append(f"  ... and {len(self.mismatches) - limit} more")
@@ -102,20 +127,21 @@ def verify(source, grown, plan: Optional[GrowthPlan] = None, optimizer: Optional
            step: Optional[int] = None, batch_bytes: int = 1 << 30) -> Report:
     src = CheckpointInfo.read(source, step, "--source")
     dst = CheckpointInfo.read(grown, None, "--grown")
-    provenance = dst.provenance or {}
+    provenance = dst.provenance
     if plan is None:
-        if "plan" not in provenance:
-            raise GrowthError(f"--grown {dst.path} has no growth provenance (common.pt key "
+        if provenance is None:
+            raise GrowthError(f"--grown {dst.path} has no growth record (common-state key "
                               "'megatron_recycle'); pass the --grow-* options it was grown with")
-        plan = GrowthPlan.from_description(provenance["plan"])
-    optimizer = optimizer or provenance.get("optimizer_policy", "copy")
-    keep_optimizer = optimizer != "reset" and offline.keeps_optimizer(src)
+        plan = provenance.growth_plan()
+    optimizer = optimizer or (provenance.optimizer_policy if provenance else "copy")
+    keep_optimizer = policy.grows_optimizer(optimizer) and manifest.keeps_optimizer(src)
     if plan.source != src.architecture():
         raise GrowthError(f"--source {src.path} is not the plan's source: its architecture is "
                           f"{src.architecture()}, the plan grows {plan.source}")
 
     report = Report()
-    want = offline.target_tensors(src, plan, keep_optimizer)
+    _check_common(src, dst, plan, report)
+    want = manifest.target_tensors(src, plan, keep_optimizer)
     have = {k: (s, dst.dtypes[k]) for k, s in dst.shapes.items()}
     for key in sorted(want.keys() - have.keys()):
         report.mismatches.append(f"{key}: missing from the grown checkpoint")
@@ -125,58 +151,107 @@ def verify(source, grown, plan: Optional[GrowthPlan] = None, optimizer: Optional
         if want[key] != have[key]:
             report.mismatches.append(f"{key}: shape/dtype {have[key]}, the plan makes {want[key]}")
     report.tensors = len(want.keys() & have.keys())
-    pieces = [p for p in offline.target_units(src, plan, max(batch_bytes // 4, 1), keep_optimizer)
-              if p.key in have and want[p.key] == have[p.key]]
-    for batch in offline.batches(pieces, [], batch_bytes):
-        _check_batch(src, dst, plan, batch.tensors, optimizer, report)
+    wanted_objects = {o.storage_key for o in manifest.target_objects(src, plan, keep_optimizer)}
+    for key in sorted(wanted_objects - set(dst.objects)):
+        report.mismatches.append(f"object {key}: missing from the grown checkpoint")
+    pieces = [p for p in manifest.target_pieces(src, plan, max(batch_bytes // 4, 1), keep_optimizer)
+              if p.box.key in have and want[p.box.key] == have[p.box.key]]
+    for batch in manifest.batches(pieces, [], batch_bytes):
+        _check_batch(src, dst, plan, batch.pieces, optimizer, report)
     return report
 
 
-def _check_batch(src: CheckpointInfo, dst: CheckpointInfo, plan, pieces, moment_policy, report: Report):
-    from .reading import box_request, read_boxes
+def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, report: Report) -> None:
+    """The grown common state against the plan and the grown tensors."""
+    shapes = dst.model_shapes()
+    layers, experts = indexing.decoder_layer_count(shapes), indexing.expert_count(shapes)
+    target = plan.target
+    if (layers, experts) != (target.num_layers, target.num_experts):
+        report.mismatches.append(f"tensors hold {layers} layers x {experts} experts, the plan makes "
+                                 f"{target.num_layers} x {target.num_experts}")
+    args = dst.args
+    if args is not None:
+        for name, value in (("num_layers", target.num_layers), ("num_experts", target.num_experts),
+                            ("moe_router_topk", target.topk)):
+            if src.args is not None and getattr(src.args, name, None) is None:
+                continue  # the source did not record it either
+            if getattr(args, name, None) != value:
+                report.mismatches.append(f"common state: args.{name} is {getattr(args, name, None)}, "
+                                         f"the grown model has {value}")
+        freq = target.moe_layer_freq()
+        if freq is not None and list(getattr(args, "moe_layer_freq", None) or []) != freq:
+            report.mismatches.append(f"common state: args.moe_layer_freq is "
+                                     f"{getattr(args, 'moe_layer_freq', None)}, the grown model has {freq}")
+    if dst.iteration != src.iteration:
+        report.mismatches.append(f"common state: iteration {dst.iteration}, the source's is {src.iteration}")
+    record = dst.provenance
+    if record is not None:
+        if record.growth_plan() != plan:
+            report.mismatches.append("common state: the growth record's plan differs from the plan checked")
+        if record.source.iteration != src.iteration:
+            report.mismatches.append(f"common state: the growth record names source iteration "
+                                     f"{record.source.iteration}, --source is at {src.iteration}")
 
+
+def _check_batch(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, pieces, moment_policy,
+                 report: Report) -> None:
+    from .io.reader import box_request, read_boxes
+
+    if not pieces:
+        return
     expectations = [expectation(plan, p, src.shapes, moment_policy) for p in pieces]
-    grown = read_boxes(dst.path, {i: box_request(p.key, p.global_shape, p.offset, p.shape, p.prepend, p.dtype)
-                                  for i, p in enumerate(pieces)})
-    regions = {(e.source_key, e.source_offset, e.source_shape) for e in expectations}
-    regions |= {_whole(src, e.sigma_key, e) for e in expectations if e.noisy}
-    source = read_boxes(src.path, {r: box_request(r[0], src.shapes[r[0]], r[1], r[2], 0, src.dtypes[r[0]])
-                                   for r in regions})
+    grown = read_boxes(dst.path, {i: box_request(p.box, p.dtype) for i, p in enumerate(pieces)})
+    boxes = {e.source for e in expectations} | {_sigma_unit(src, e) for e in expectations if e.noisy}
+    source = read_boxes(src.path, {b: box_request(b, src.dtypes[b.key]) for b in boxes})
     for i, (piece, exp) in enumerate(zip(pieces, expectations)):
         report.pieces += 1
-        got = grown[i]
-        where = f"{piece.key} at {piece.offset}"
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            report.mismatches.append(f"{where}: NaN or Inf")
-            continue
-        want = source[(exp.source_key, exp.source_offset, exp.source_shape)].reshape(
-            exp.source_shape[piece.prepend:])
-        if exp.rows is not None:
-            want = want[exp.rows]  # a fresh tensor: safe to write below
-            want[exp.zero_rows] = 0
-        if exp.zero:
-            if bool(got.any()):
-                report.mismatches.append(f"{where}: should be zero (zero-init copy / moments)")
-            continue
-        copies = _copy_mask(got, exp)
-        if not torch.equal(got[~copies], want[~copies]):
-            diff = (got[~copies].double() - want[~copies].double()).abs().max().item()
-            report.mismatches.append(f"{where}: differs from {exp.source_key} at {exp.source_offset} "
-                                     f"(max |diff| {diff:.3g})")
-            continue
-        if exp.noisy:
-            sigma = source[_whole(src, exp.sigma_key, exp)].double().std().item()
-            problem = _check_noise(got[copies], want[copies], plan.width.noise_alpha * sigma, report)
-            if problem:
-                report.mismatches.append(f"{where}: {problem}")
+        problem = _check_piece(grown[i], source, exp, plan, src, report)
+        if problem:
+            report.mismatches.append(f"{piece.box.key} at {piece.box.global_offset}{_where(exp)}: {problem}")
 
 
-def _check_noise(got: torch.Tensor, want: torch.Tensor, scale: float, report: Report) -> Optional[str]:
+def _check_piece(got: torch.Tensor, source: dict, exp: Expectation, plan: GrowthPlan,
+                 src: CheckpointInfo, report: Report) -> Optional[str]:
+    if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+        return f"NaN or Inf at element {_first(~torch.isfinite(got))}"
+    want = source[exp.source]
+    if exp.rows is not None:
+        want = want[list(exp.rows)]  # a fresh tensor: safe to write below
+        want[list(exp.zero_rows)] = 0
+    if exp.zero:
+        return None if not got.any() else f"should be zero (zero-init copy / moments), element {_first(got != 0)} is not"
+    if exp.noisy:
+        scale = plan.width.noise_alpha * _sigma(source[_sigma_unit(src, exp)])
+        noisy_rows = [slice(None)] if exp.rows is None else list(exp.copy_rows)
+        expected = want.to(torch.float32, copy=True)  # never the source buffer itself
+        for row in noisy_rows:
+            expert = exp.expert if exp.rows is None else exp.row_experts[row]
+            shape = tuple(expected[row].shape)
+            expected[row] += unit_noise(plan.width.seed, exp.noise_name, exp.layer, expert, shape, scale)
+        want_noisy = expected.to(got.dtype)
+        problem = _compare(got, want_noisy, "its regenerated noisy copy")
+        if problem:
+            return problem
+        return _check_noise_statistics(got, want, exp, scale, report)
+    return _compare(got, want, f"{exp.source.key} at {exp.source.global_offset}")
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor, what: str) -> Optional[str]:
+    if torch.equal(got, want):
+        return None
+    differs = got != want
+    at = _first(differs)
+    diff = (got.double() - want.double()).abs().max().item()
+    return (f"differs from {what}: {int(differs.sum())} element(s), first at {at} "
+            f"({got[at].item():.6g} vs {want[at].item():.6g}), max |diff| {diff:.3g}")
+
+
+def _check_noise_statistics(got, want, exp: Expectation, scale: float, report: Report) -> Optional[str]:
     """Noise = got - want should be N(0, scale²) plus the storage dtype's rounding."""
-    noise = got.double() - want.double()
+    rows = [slice(None)] if exp.rows is None else list(exp.copy_rows)
+    noise = torch.cat([(got[r].double() - want[r].double()).reshape(-1) for r in rows])
     n = noise.numel()
-    rounding = _rounding_variance(want)
-    expected = math.sqrt(scale**2 + rounding)
+    expected = math.sqrt(scale**2 + _rounding_variance(want))
     std, mean = noise.std().item(), noise.mean().item()
     report.noisy += 1
     if expected == 0:  # a constant source unit (e.g. a zero expert bias) gets no noise
@@ -200,17 +275,22 @@ def _rounding_variance(values: torch.Tensor) -> float:
     return (ulp.pow(2) / 12).mean().item()
 
 
-def _copy_mask(got: torch.Tensor, exp: Expectation) -> torch.Tensor:
-    mask = torch.zeros_like(got, dtype=torch.bool)
-    if exp.noisy and exp.rows is None:
-        mask[...] = True
-    elif exp.noisy:
-        mask[exp.copy_rows] = True
-    return mask
+def _sigma(unit: torch.Tensor) -> float:
+    """The std of a whole source unit as growth defines σ: float64, rounded to float32."""
+    return float(torch.tensor(unit.double().std().item(), dtype=torch.float32))
 
 
-def _whole(src: CheckpointInfo, key: str, exp: Expectation) -> tuple:
-    """The whole source unit (one layer/expert slab) holding `exp`'s region, for σ."""
-    global_shape = src.shapes[key]
-    p = offline.stacked_axes(key)
-    return key, tuple(exp.source_offset[:p]) + (0,) * (len(global_shape) - p), (1,) * p + tuple(global_shape[p:])
+def _sigma_unit(src: CheckpointInfo, exp: Expectation) -> Box:
+    """The whole source unit (one layer/expert slab) whose σ scales `exp`'s noise."""
+    return Box.whole_unit(exp.sigma_key, src.shapes[exp.sigma_key], exp.source.index)
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.nonzero(mask)[0])
+
+
+def _where(exp: Expectation) -> str:
+    parts = [f"layer {exp.layer}"] if exp.layer >= 0 else []
+    if exp.expert is not None:
+        parts.append(f"expert {exp.expert}")
+    return f" ({', '.join(parts)})" if parts else ""

@@ -58,7 +58,7 @@ def save_source(spec, layout, root, iteration=1, seed=1, like=None, **common):
     with `common` added to its common state."""
     from megatron.core import dist_checkpointing
 
-    from megatron_recycle import toy
+    from megatron_recycle.testing import toy
 
     toy.init_parallel(layout)
     chunks = toy.build(spec, layout, seed=seed)
@@ -79,8 +79,8 @@ def grow_into(spec, plan, layout, source_dir, seed=99, fully_parallel=False, str
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from megatron_recycle import toy
-    from megatron_recycle.strategy import GrowthLoadStrategy
+    from megatron_recycle.testing import toy
+    from megatron_recycle.load_hook import GrowthLoadStrategy
 
     toy.init_parallel(layout)
     chunks = toy.build(spec.grown(plan), layout, seed=seed)
@@ -92,7 +92,7 @@ def grow_into(spec, plan, layout, source_dir, seed=99, fully_parallel=False, str
 
         strategy = FullyParallelLoadStrategyWrapper(
             strategy, ps.get_data_parallel_group(with_context_parallel=True))
-    from megatron_recycle import cpu
+    from megatron_recycle.testing import cpu
 
     with cpu.cuda_to_cpu():  # the fully parallel exchange moves shards with .cuda()
         state = dist_checkpointing.load({"model": toy.sharded_state_dict(chunks)}, str(source_dir),
@@ -141,3 +141,63 @@ def tree_digest(root) -> str:
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def common_state(path):
+    """The common state of a checkpoint (root or iteration directory), in either form."""
+    from megatron_recycle.io.checkpoint import CheckpointInfo
+
+    return CheckpointInfo.read(path).common
+
+
+def scheduler(max_lr=3e-4, **overrides):
+    """A Megatron `OptimizerParamScheduler` as Megatron-LM builds it while growing (constant
+    LR, the run's own settings override the checkpoint's)."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    settings = dict(init_lr=0.0, max_lr=max_lr, min_lr=max_lr, lr_warmup_steps=0,
+                    lr_decay_steps=1000, lr_decay_style="constant", start_wd=0.0, end_wd=0.0,
+                    wd_incr_steps=1000, wd_incr_style="constant", override_opt_param_scheduler=True,
+                    use_checkpoint_opt_param_scheduler=False)
+    return OptimizerParamScheduler(opt, **{**settings, **overrides})
+
+
+def resave(src_iteration, dst_root, alter_tensors=None, alter_common=None):
+    """Copy a checkpoint iteration into a new root `dst_root`, tensors and common state passed
+    through `alter_*` first (each changes its dict in place): the same objects, the same
+    common-state form, the same tracker. For tests that a check catches an alteration."""
+    import shutil
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import DefaultSavePlanner, save
+
+    from megatron_recycle import compat
+    from megatron_recycle.io.checkpoint import CheckpointInfo
+    from megatron_recycle.io.reader import read_object
+    from megatron_recycle.manifest import ObjectRef
+
+    src_iteration, dst_root = Path(src_iteration), Path(dst_root)
+    info = CheckpointInfo.read(src_iteration)
+    state = read_checkpoint(src_iteration)
+    if alter_tensors:
+        alter_tensors(state)
+    common = dict(info.common)
+    if alter_common:
+        alter_common(common)
+
+    # Objects as megatron-core stores them: a one-element list, which torch DCP pickles.
+    for storage_key in info.objects:
+        ref = ObjectRef.parse(storage_key)
+        state[storage_key] = [read_object(src_iteration, ref.key, ref.global_shape, ref.offset)]
+    dst = dst_root / src_iteration.name
+    legacy = (src_iteration / compat.COMMON_STATE_FILE).exists()
+    if not legacy:
+        state[compat.common_state_storage_key()] = [common]
+    save(state, checkpoint_id=str(dst), no_dist=True, planner=DefaultSavePlanner(flatten_state_dict=False))
+    if legacy:
+        torch.save(common, dst / compat.COMMON_STATE_FILE)
+    shutil.copy(src_iteration / "metadata.json", dst / "metadata.json")
+    (dst_root / "latest_checkpointed_iteration.txt").write_text(str(info.iteration))
+    return dst

@@ -1,6 +1,6 @@
 """Models, plans and layouts the tests and their rank workers share (no side effects)."""
 
-from megatron_recycle import toy
+from megatron_recycle.testing import toy
 from megatron_recycle.plan import DepthGrowth, GrowthPlan, WidthGrowth
 
 # grow_matrix: one source, two source layouts, six target layouts.

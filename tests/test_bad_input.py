@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_recycle.checkpoint import CheckpointInfo, resolve
+from megatron_recycle.io.checkpoint import CheckpointInfo, resolve
 from megatron_recycle.plan import GrowthError
 
 

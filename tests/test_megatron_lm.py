@@ -3,10 +3,8 @@
 checkpoints are real torch_dist ones saved by megatron-core."""
 
 import argparse
-import shutil
 
 import pytest
-import torch
 
 from megatron_recycle import megatron_lm
 from megatron_recycle.plan import GrowthError
@@ -68,8 +66,8 @@ def test_factors_set_the_target_sizes_from_the_checkpoint(ckpts):
     assert (args.num_layers, args.num_experts, args.moe_router_topk) == (8, 8, 4)
     assert args.no_load_rng and args.no_load_optim and args.override_opt_param_scheduler
     assert args.load == str(ckpts / "base")
-    assert decision.provenance["source"]["iteration"] == 5
-    assert decision.provenance["plan"]["layer_map"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert decision.provenance.source.iteration == 5
+    assert decision.provenance.plan["layer_map"] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_base_run_sizes_are_replaced_and_target_sizes_accepted(ckpts):
@@ -133,24 +131,31 @@ def test_requeue_resumes_the_grown_checkpoint_in_save(ckpts):
     assert args.load == str(ckpts / "grown") and args.ckpt_step is None
     assert (args.num_layers, args.num_experts, args.moe_router_topk) == (8, 8, 4)
     assert decision.checkpoint.iteration == 7
-    assert decision.provenance["source"]["path"].endswith("iter_0000005")
+    assert decision.provenance.source.path.endswith("iter_0000005")
 
 
-def test_requeue_with_the_grown_checkpoint_as_load(ckpts, tmp_path):
-    """Growth in place (--save = --load): the tracker now points at the grown iteration."""
-    root = tmp_path / "inplace"
-    shutil.copytree(ckpts / "base", root)
-    args, decision = configure(["--load", str(root), "--save", str(root), "--grow-depth", "2",
-                                "--grow-experts", "2", "--grow-optimizer", "reset"])
-    assert decision.grow
-    shutil.copytree(ckpts / "grown" / "iter_0000007", root / "iter_0000007")
-    common = torch.load(root / "iter_0000007" / "common.pt", weights_only=False)
-    common["megatron_recycle"]["source"]["load"] = decision.provenance["source"]["load"]
-    torch.save(common, root / "iter_0000007" / "common.pt")
+def test_requeue_with_the_grown_checkpoint_as_load(ckpts):
+    """Growth in place (--save = --load): while the tracker names the base iteration the job
+    grows; once it names the grown one (saved by the growing job), the requeued job resumes it."""
+    root = ckpts / "inplace"
+    flags = ["--load", str(root), "--save", str(root), "--grow-depth", "2", "--grow-experts", "2",
+             "--grow-optimizer", "reset"]
+    (root / "latest_checkpointed_iteration.txt").write_text("5")
+    args, decision = configure(flags)
+    assert decision.grow and args.num_layers == 8
     (root / "latest_checkpointed_iteration.txt").write_text("7")
-    args, decision = configure(["--load", str(root), "--save", str(root), "--grow-depth", "2",
-                                "--grow-experts", "2", "--grow-optimizer", "reset"])
-    assert not decision.grow and args.num_layers == 8
+    args, decision = configure(flags)
+    assert not decision.grow and args.num_layers == 8 and decision.checkpoint.iteration == 7
+
+
+def test_growing_an_offline_grown_checkpoint_reads_its_schema_1_record(ckpts):
+    """An offline-grown source (its record's `source` is a path, not a dict) grows again."""
+    args, decision = configure(["--load", str(ckpts / "offline_grown"), "--grow-experts", "2",
+                                "--grow-optimizer", "reset"])
+    assert decision.grow and (args.num_layers, args.num_experts, args.moe_router_topk) == (8, 16, 8)
+    previous = decision.provenance.previous
+    assert previous.grown_by == "offline" and previous.source.iteration == 5
+    assert previous.source.path.endswith("base/iter_0000005")
 
 
 def test_save_holding_another_checkpoint_is_refused(ckpts):
@@ -159,27 +164,19 @@ def test_save_holding_another_checkpoint_is_refused(ckpts):
 
 
 def test_schedule_continues_or_rewarms(ckpts):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    def scheduler():
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-        return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=3e-4, min_lr=3e-4, lr_warmup_steps=0,
-                                       lr_decay_steps=1000, lr_decay_style="constant", start_wd=0.0,
-                                       end_wd=0.0, wd_incr_steps=1000, wd_incr_style="constant",
-                                       override_opt_param_scheduler=True,
-                                       use_checkpoint_opt_param_scheduler=False)
+    from ckpt_tools import scheduler
 
     args, decision = configure(grow(ckpts))
     args.global_batch_size = 4
     decision.checkpoint.common["opt_param_scheduler"] = dict(scheduler().state_dict(), num_steps=40)
     continued = scheduler()
-    megatron_lm.apply_schedule_policy(continued, decision, args)
+    megatron_lm.apply_schedule(continued, decision, args)
     assert continued.num_steps == 40 and continued.get_lr(continued.optimizer.param_groups[0]) == 3e-4
 
     args, decision = configure(grow(ckpts, "--grow-rewarmup-iters", "10"))
     args.global_batch_size = 4
     rewarmed = scheduler()
-    megatron_lm.apply_schedule_policy(rewarmed, decision, args)
+    megatron_lm.apply_schedule(rewarmed, decision, args)
     assert rewarmed.num_steps == 0
     rewarmed.step(5 * 4)
     assert rewarmed.optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)

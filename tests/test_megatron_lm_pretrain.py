@@ -17,7 +17,7 @@ import torch
 
 import ckpt_tools
 from conftest import REPO, TESTS, _free_port
-from megatron_recycle.checkpoint import CheckpointInfo
+from megatron_recycle.io.checkpoint import CheckpointInfo
 from megatron_recycle.plan import GrowthPlan
 
 MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
@@ -91,10 +91,10 @@ def test_grown_run_loads_the_base_grown_and_keeps_training(runs):
     arch = info.architecture()
     assert (arch.num_layers, arch.num_experts, arch.topk) == (4, 8, 4)
     prov = info.provenance
-    assert prov["source"]["path"] == os.path.realpath(out / "base" / "iter_0000002")
-    assert prov["version"] and prov["plan"]["width"]["noise_alpha"] == 0.01
+    assert prov.source.path == os.path.realpath(out / "base" / "iter_0000002")
+    assert prov.version and prov.plan["width"]["noise_alpha"] == 0.01 and prov.grown_by == "megatron-lm"
 
-    plan = GrowthPlan.from_description(prov["plan"])
+    plan = prov.growth_plan()
     base = ckpt_tools.read_checkpoint(out / "base" / "iter_0000002")
     grown = ckpt_tools.read_checkpoint(out / "grown" / "iter_0000004")
     layers = list(plan.layer_map)
@@ -117,7 +117,7 @@ def test_requeued_run_resumes_the_grown_checkpoint_without_growing_again(runs):
     assert "growth: " not in log
     assert "already grown" in log
     assert f"loading distributed checkpoint from {out / 'grown'} at iteration 4" in log
-    assert "megatron_recycle.strategy" not in log
+    assert "megatron_recycle.load_hook" not in log
     assert CheckpointInfo.read(out / "grown").iteration == 4
     assert CheckpointInfo.read(out / "base").iteration == 2  # the source untouched
 
@@ -148,9 +148,9 @@ def copy_runs(megatron_lm, tmp_path_factory):
 
 def test_optimizer_copy_grows_the_adam_state_through_megatron_lm(copy_runs):
     grown_info = CheckpointInfo.read(copy_runs / "grown")
-    assert grown_info.provenance["optimizer_policy"] == "copy"
+    assert grown_info.provenance.optimizer_policy == "copy"
     assert grown_info.optimizer_format == "fully_reshardable"
-    plan = GrowthPlan.from_description(grown_info.provenance["plan"])
+    plan = grown_info.provenance.growth_plan()
     base = ckpt_tools.read_checkpoint(copy_runs / "base" / "iter_0000002")
     grown = ckpt_tools.read_checkpoint(grown_info.path)
     moments = [k for k in base if k.startswith(("optimizer.state.exp_avg.decoder.layers.",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_recycle import ops
-from megatron_recycle.mapping import Fill, Noise, Region, Unit
+from megatron_recycle.mapping import Box, Fill, Noise
 
 UNIT = (700, 1000)  # 2.7 noise blocks: block edges fall inside rows
 ID = dict(seed=7, name="decoder.layers.mlp.experts.experts.linear_fc1.weight", layer=3, expert=9)
@@ -62,9 +62,9 @@ def test_threads_do_not_change_the_result(monkeypatch):
 
 
 def _fill_of_a_copy(unit_key="w"):
-    unit = Unit(unit_key, (0,), (4,) + UNIT)
+    unit = Box.whole_unit(unit_key, (4,) + UNIT, (0,))
     noise = Noise(ID["name"], ID["layer"], ((ID["expert"], -1),), UNIT, (0, 0), unit)
-    return unit, Fill(Region(unit, (0, 0), UNIT), noise=noise)
+    return unit, Fill(unit, noise=noise)
 
 
 def test_a_bf16_target_gets_the_fp32_noise_rounded_once():

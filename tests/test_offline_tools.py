@@ -1,7 +1,6 @@
 """The offline tools (`megatron-recycle grow | verify | inspect | plan`) on real torch_dist checkpoints."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,16 +47,26 @@ def test_source_is_byte_identical_and_progress_is_shown(grown):
     assert not [p for p in out.iterdir() if p.name.startswith(".dst.")]  # no staging left
 
 
-def test_common_pt_describes_the_grown_model_and_its_provenance(grown):
+def test_common_state_describes_the_grown_model_and_its_provenance(grown):
+    """In the form the installed megatron-core saves (common.pt up to 0.18, the common_state
+    object from 0.19 on), read with megatron-core's own reader too."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_recycle import compat
+    from megatron_recycle.provenance import Provenance
+
     out, _, _ = grown
     assert (out / "dst" / "latest_checkpointed_iteration.txt").read_text() == "5"
-    common = torch.load(out / "dst" / "iter_0000005" / "common.pt", weights_only=False)
+    iteration = out / "dst" / "iter_0000005"
+    assert (iteration / "common.pt").exists() != compat.saves_common_state_object()
+    common = ckpt_tools.common_state(out / "dst")
+    assert common.keys() == dist_checkpointing.load_common_state_dict(str(iteration)).keys()
     args = common["args"]
     assert (args.num_layers, args.num_experts, args.moe_router_topk) == (8, 8, 4)
-    prov = common["megatron_recycle"]
-    assert prov["plan"] == PLAN.describe()
-    assert prov["iteration"] == 5 and prov["seed"] == 7 and prov["optimizer"] == "grown"
-    assert prov["source"] == str((out / "src" / "iter_0000005").resolve())
+    prov = Provenance.from_dict(common["megatron_recycle"])
+    assert prov.plan == PLAN.describe() and prov.grown_by == "offline" and prov.schema == 2
+    assert prov.source.iteration == 5 and prov.seed == 7 and prov.optimizer == "grown"
+    assert prov.source.path == str((out / "src" / "iter_0000005").resolve())
 
 
 def test_one_worker_and_big_batches_write_the_same_tensors(grown):
@@ -77,15 +86,11 @@ def test_verify_passes_on_a_good_grow(grown):
 
 def test_verify_fails_on_one_altered_tensor(grown):
     out, _, _ = grown
-    from torch.distributed.checkpoint import save
 
-    src_dir, bad = out / "dst" / "iter_0000005", out / "altered" / "iter_0000005"
-    tensors = ckpt_tools.read_checkpoint(src_dir)
-    tensors["decoder.layers.self_attention.linear_proj.weight"][3, 1, 2] += 1e-3
-    save(tensors, checkpoint_id=str(bad), no_dist=True)
-    for name in ("common.pt", "metadata.json"):
-        shutil.copy(src_dir / name, bad / name)
-    (out / "altered" / "latest_checkpointed_iteration.txt").write_text("5")
+    def alter(tensors):
+        tensors["decoder.layers.self_attention.linear_proj.weight"][3, 1, 2] += 1e-3
+
+    ckpt_tools.resave(out / "dst" / "iter_0000005", out / "altered", alter)
     proc = cli("verify", "--source", out / "src", "--grown", out / "altered", check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAILED: 1 mismatch" in proc.stdout
@@ -96,7 +101,7 @@ def test_mixed_dense_moe_with_a_layer_map_grows_and_verifies(grown):
     out, _, _ = grown
     cli("grow", "--load", out / "src-mixed", "--save", out / "mixed", "--grow-layer-map", "0,1,1,2,3,3",
         "--grow-experts", "2", "--grow-expert-placement", "interleave", "--grow-noise-alpha", "0")
-    args = torch.load(out / "mixed" / "iter_0000003" / "common.pt", weights_only=False)["args"]
+    args = ckpt_tools.common_state(out / "mixed")["args"]
     assert (args.num_layers, args.num_experts, args.moe_layer_freq) == (6, 8, [1, 0, 0, 1, 0, 0])
     assert "verify: OK" in cli("verify", "--source", out / "src-mixed", "--grown", out / "mixed").stdout
     tensors = ckpt_tools.read_checkpoint(out / "mixed" / "iter_0000003")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import ckpt_tools
-from megatron_recycle.checkpoint import iteration_dir
+from megatron_recycle.io.checkpoint import iteration_dir
 from megatron_recycle.plan import GrowthError
-from megatron_recycle.resume import Progress, load_moment_policy, schedule_after_growth
+from megatron_recycle.policy import apply_schedule_after_growth, load_moment_policy
 from workers.resume_scenario import BASE_ITERS, GROWN_ITERS, PLAN
 
 BETA1, BETA2 = 0.9, 0.95  # the loop's Adam
@@ -34,7 +34,7 @@ def tensors(out, name, iteration):
 
 
 def common(out, name, iteration):
-    return torch.load(iteration_dir(out / name, int(iteration)) / "common.pt", weights_only=False)
+    return ckpt_tools.common_state(iteration_dir(out / name, int(iteration)))
 
 
 def adam_steps(state):
@@ -161,17 +161,21 @@ def test_grown_checkpoint_round_trips_exactly_at_a_third_layout(out):
 
 
 # --- the pure policy and schedule logic (no ranks) -------------------------------------------
-SCHEDULE = {"max_lr": 3e-3, "min_lr": 3e-4, "lr_warmup_steps": 16, "lr_decay_steps": 800,
-            "num_steps": 240, "lr_decay_style": "cosine"}
-
-
 def test_schedule_continues_by_default_and_restarts_with_rewarmup():
-    progress = Progress(iteration=30, consumed_samples=240, scheduler=SCHEDULE)
-    assert schedule_after_growth(progress, 0, 8) is SCHEDULE
-    restarted = schedule_after_growth(progress, 5, 8)
-    assert restarted == {**SCHEDULE, "num_steps": 0, "lr_warmup_steps": 40}
+    saved = dict(ckpt_tools.scheduler(max_lr=3e-3, lr_warmup_steps=16,
+                                      lr_decay_style="cosine").state_dict(), num_steps=240)
+    continued = ckpt_tools.scheduler()
+    apply_schedule_after_growth(continued, saved, 0, 8)
+    assert continued.num_steps == 240
+    restarted = ckpt_tools.scheduler()
+    apply_schedule_after_growth(restarted, saved, 5, 8)
+    assert (restarted.num_steps, restarted.lr_warmup_steps) == (0, 40)
+    already_loaded = ckpt_tools.scheduler()
+    already_loaded.load_state_dict(saved)
+    apply_schedule_after_growth(already_loaded, None, 0, 8)  # the load restored it: not twice
+    assert already_loaded.num_steps == 240
     with pytest.raises(GrowthError, match="rewarmup"):
-        schedule_after_growth(progress, -1, 8)
+        apply_schedule_after_growth(ckpt_tools.scheduler(), saved, -1, 8)
 
 
 @pytest.mark.parametrize("policy,fmt,moments", [

@@ -6,7 +6,7 @@ import warnings
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-from megatron_recycle import cpu, toy  # noqa: E402
+from megatron_recycle.testing import cpu, toy  # noqa: E402
 
 cpu.install()
 

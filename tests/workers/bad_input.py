@@ -11,9 +11,9 @@ import _boot
 import torch
 
 import ckpt_tools
-from megatron_recycle import toy
+from megatron_recycle.testing import toy
 from megatron_recycle.plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
-from megatron_recycle.strategy import GrowthLoadStrategy
+from megatron_recycle.load_hook import GrowthLoadStrategy
 
 SPEC = toy.ToySpec()
 PLAN = GrowthPlan(SPEC.architecture(), DepthGrowth(2), WidthGrowth(2))

@@ -12,7 +12,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 import ckpt_tools
-from megatron_recycle import cpu, toy
+from megatron_recycle.testing import cpu, toy
 from scenarios import CHANGING_CASES, PRESERVATION_CASES
 
 

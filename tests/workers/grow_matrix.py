@@ -10,7 +10,7 @@ import _boot
 import torch
 
 import ckpt_tools
-from megatron_recycle import toy
+from megatron_recycle.testing import toy
 from scenarios import PLAN, SOURCES, SPEC, TARGETS
 
 

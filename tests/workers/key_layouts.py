@@ -18,7 +18,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from megatron_recycle.plan import Architecture, DepthGrowth, GrowthPlan, WidthGrowth
-from megatron_recycle.strategy import GrowthLoadStrategy
+from megatron_recycle.load_hook import GrowthLoadStrategy
 
 H, F, L, E = 8, 4, 3, 4
 PLAN = GrowthPlan(Architecture(num_layers=L, num_experts=E, topk=2),

@@ -1,5 +1,7 @@
 """Checkpoints for the Megatron-LM adapter tests: a base, the same with a dp_reshardable
-optimizer tag, and a grown one carrying the provenance the adapter records.
+optimizer tag, a grown one carrying the provenance the adapter records, one grown offline
+(schema-1 record, as megatron-recycle 0.1 wrote it), and a root grown in place (--save =
+--load: base at iteration 5, grown at 7).
 
 Usage: torchrun --nproc-per-node 1 megatron_lm_checkpoints.py OUT
 """
@@ -9,8 +11,9 @@ import sys
 import _boot
 
 import ckpt_tools
-from megatron_recycle import megatron_lm, toy
-from megatron_recycle.checkpoint import PROVENANCE_KEY
+from megatron_recycle import megatron_lm
+from megatron_recycle.testing import toy
+from megatron_recycle.provenance import KEY as PROVENANCE_KEY
 
 SPEC = toy.ToySpec(num_layers=4, experts=4, topk=2)
 
@@ -26,7 +29,20 @@ def main(out):
                             "--grow-optimizer", "reset"])
     decision = megatron_lm.configure(args, explicit)
     ckpt_tools.save_source(SPEC.grown(decision.plan), toy.Layout(), f"{out}/grown", 7,
-                           **{PROVENANCE_KEY: decision.provenance})
+                           **{PROVENANCE_KEY: decision.provenance.to_dict()})
+    offline_record = {"source": f"{out}/base/iter_0000005", "iteration": 5,
+                      "plan": decision.plan.describe(), "seed": 1234, "optimizer_policy": "reset",
+                      "optimizer": "dropped", "version": "0.1.0", "previous": None}
+    ckpt_tools.save_source(SPEC.grown(decision.plan), toy.Layout(), f"{out}/offline_grown", 5,
+                           **{PROVENANCE_KEY: offline_record})
+
+    inplace = f"{out}/inplace"
+    ckpt_tools.save_source(SPEC, toy.Layout(), inplace, 5)
+    args, explicit = parse(["--load", inplace, "--save", inplace, "--grow-depth", "2",
+                            "--grow-experts", "2", "--grow-optimizer", "reset"])
+    decision = megatron_lm.configure(args, explicit)
+    ckpt_tools.save_source(SPEC.grown(decision.plan), toy.Layout(), inplace, 7,
+                           **{PROVENANCE_KEY: decision.provenance.to_dict()})
     _boot.finish()
 
 

@@ -20,8 +20,8 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 import ckpt_tools
-from megatron_recycle import toy
-from megatron_recycle.strategy import GrowthLoadStrategy
+from megatron_recycle.testing import toy
+from megatron_recycle.load_hook import GrowthLoadStrategy
 from offline_specs import MIXED
 from scenarios import PLAN, SPEC
 

@@ -1,7 +1,7 @@
 """Models of the offline-tool tests, shared by the test module and its rank worker (no side
 effects on import)."""
 
-from megatron_recycle import toy
+from megatron_recycle.testing import toy
 
 # A mixed dense/MoE stack: layers are indexed in the keys, unlike scenarios.SPEC.
 MIXED = toy.ToySpec(num_layers=4, experts=4, topk=2, shared_expert=16, moe_layer_freq=(1, 0, 1, 0))

@@ -1,4 +1,4 @@
-"""Checkpoint keys: where a tensor's layer and expert indices live.
+"""Checkpoint keys and the one index algebra of growth.
 
 Megatron-Core addresses layers and experts in two ways, both handled here:
 - as prepended axes of a stacked global tensor (`decoder.layers.…` with the layer on axis 0,
@@ -7,16 +7,27 @@ Megatron-Core addresses layers and experts in two ways, both handled here:
   `mtp.layers.{i}.…`, `…experts.{j}.…` for singleton local shards).
 Router weights and `expert_bias` carry experts on their first local (row) dimension.
 Optimizer state keys are the model key behind a prefix such as `optimizer.state.exp_avg.`.
+
+For a growth plan, this module is where indices, keys and global shapes translate between
+the source and the grown (target) checkpoint, in both directions: `origin` (target slab →
+source slab, used by the load hook and offline growth), `target_keys` / `target_indices` /
+`resized` (source → every target, used by the manifest of a grown checkpoint). `verify`
+restates the target → source direction on its own, on purpose: a verifier sharing this code
+could not catch its bugs. Pure Python, no torch.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Optional
 
+from .plan import GrowthPlan
+
 _OPTIMIZER_PREFIX = re.compile(r"^(optimizer\.state\.[A-Za-z0-9_]+\.)(.*)$")
 _DECODER_INDEXED = re.compile(r"^(decoder\.layers\.)(\d+)\.")
+_MTP_INDEXED = re.compile(r"^mtp\.layers\.(\d+)\.")
 _EXPERT_INDEXED = re.compile(r"(\.experts\.)(\d+)\.")
 _ROUTER_ROWS = (".router.weight", ".router.expert_bias", ".router.bias")
 # Output projections of a layer: zeroing them in a layer copy makes the copy an identity.
@@ -46,8 +57,13 @@ class KeyLayout:
         return self.layer_axis is not None or self.layer_in_key is not None
 
     @property
+    def has_expert_index(self) -> bool:
+        """An expert index on a prepended axis or in the key (not router rows)."""
+        return self.expert_axis is not None or self.expert_in_key is not None
+
+    @property
     def has_expert(self) -> bool:
-        return self.expert_axis is not None or self.expert_in_key is not None or self.expert_rows
+        return self.has_expert_index or self.expert_rows
 
     @property
     def is_output_projection(self) -> bool:
@@ -112,6 +128,14 @@ def parse_key(key: str, prepend_axis_num: int) -> KeyLayout:
     )
 
 
+def stored_prepend_axes(key: str) -> int:
+    """How many leading axes of a stored tensor index layers/experts (the prepend_axis_num
+    Megatron-Core saved it with), from its key alone."""
+    layout = parse_key(key, 2)
+    return (layout.layer_axis is not None) + (layout.expert_axis is not None)
+
+
+# --- what a checkpoint holds, from its keys and global shapes ----------------------------------
 def decoder_layer_count(shapes: dict[str, tuple[int, ...]]) -> Optional[int]:
     """Number of decoder layers from checkpoint keys and global shapes."""
     stacked = [s[0] for k, s in shapes.items() if k.startswith("decoder.layers.") and
@@ -122,7 +146,7 @@ def decoder_layer_count(shapes: dict[str, tuple[int, ...]]) -> Optional[int]:
 
 
 def mtp_layer_count(shapes: dict[str, tuple[int, ...]]) -> int:
-    idx = [int(m.group(1)) for k in shapes if (m := re.match(r"^mtp\.layers\.(\d+)\.", k))]
+    idx = [int(m.group(1)) for k in shapes if (m := _MTP_INDEXED.match(k))]
     return max(idx) + 1 if idx else 0
 
 
@@ -141,3 +165,72 @@ def moe_layer_pattern(shapes: dict[str, tuple[int, ...]], num_layers: int) -> Op
     if not routed:
         return None
     return tuple(i in routed for i in range(num_layers))
+
+
+# --- the index algebra of a plan -------------------------------------------------------------
+@dataclass(frozen=True)
+class Origin:
+    """Where one target slab (a key at one prepended index) comes from."""
+
+    key: str  # the source key
+    index: tuple[int, ...]  # the source's prepended-axis indices
+    layer: int  # target decoder layer, -1 outside the decoder stack
+    layer_copy: int  # 0: the original layer, k: its k-th copy
+    expert: Optional[int]  # target expert, None where the key has no expert index
+    expert_copy: int
+
+
+def origin(plan: GrowthPlan, layout: KeyLayout, target_index: tuple[int, ...]) -> Origin:
+    """The source of the target slab at prepended `target_index` of `layout`'s key."""
+    index = list(target_index)
+    layer, layer_copy, source_layer = -1, 0, None
+    if layout.decoder and layout.has_layer:
+        axis = layout.layer_axis
+        layer = index[axis] if axis is not None else layout.layer_in_key
+        source_layer, layer_copy = plan.layer_source(layer)
+        if axis is not None:
+            index[axis] = source_layer
+    expert, expert_copy, source_expert = None, 0, None
+    if layout.has_expert_index:
+        axis = layout.expert_axis
+        expert = index[axis] if axis is not None else layout.expert_in_key
+        source_expert, expert_copy = plan.expert_source(expert)
+        if axis is not None:
+            index[axis] = source_expert
+    return Origin(layout.with_indices(source_layer, source_expert), tuple(index), layer,
+                  layer_copy, expert, expert_copy)
+
+
+def resized(plan: GrowthPlan, layout: KeyLayout, shape: tuple[int, ...], row_axis: Optional[int],
+            to_target: bool = True) -> tuple[int, ...]:
+    """`shape` (a global shape) with its layer, expert and router-row axes set to the target's
+    sizes (`to_target`) or the source's. `row_axis`: where router rows are, if they count."""
+    layers, experts = ((plan.target_num_layers, plan.target_num_experts) if to_target
+                       else (plan.source.num_layers, plan.source.num_experts))
+    out = list(shape)
+    if layout.decoder and layout.layer_axis is not None:
+        out[layout.layer_axis] = layers
+    if layout.expert_axis is not None:
+        out[layout.expert_axis] = experts
+    if row_axis is not None and layout.expert_rows and plan.source.is_moe:
+        out[row_axis] = experts
+    return tuple(out)
+
+
+def target_keys(plan: GrowthPlan, layout: KeyLayout) -> list[str]:
+    """The target keys made from a source key: one per target layer/expert where the indices
+    are written in the key, else the key itself."""
+    layers = ([None] if layout.layer_in_key is None or not layout.decoder
+              else plan.layer_targets(layout.layer_in_key))
+    experts = [None] if layout.expert_in_key is None else plan.expert_targets(layout.expert_in_key)
+    return [layout.with_indices(t, e) for t in layers for e in experts]
+
+
+def target_indices(plan: GrowthPlan, layout: KeyLayout, source_index: tuple[int, ...]) -> list[tuple]:
+    """Every target prepended index made from the source slab at `source_index`."""
+    choices = [[i] for i in source_index]
+    if layout.decoder and layout.layer_axis is not None:
+        choices[layout.layer_axis] = plan.layer_targets(source_index[layout.layer_axis])
+    if layout.expert_axis is not None:
+        choices[layout.expert_axis] = plan.expert_targets(source_index[layout.expert_axis])
+    return list(itertools.product(*choices))

@@ -1,35 +1,28 @@
-"""Megatron-LM integration: `--grow-*` flags for `pretrain_gpt.py`, requeue-safe.
+"""What a Megatron-LM job does with its `--load` and `--grow-*` flags, decided once from its
+parsed arguments, before any model exists.
 
-Three layers, each usable alone:
-
-* `add_arguments(parser)`: the `--grow-*` argument group (an `extra_args_provider`).
-* `configure(args, explicit)`: pure decisions on parsed arguments, before any model exists:
-  read the checkpoint metadata, decide between *grow* (load the source through the growth
-  strategy) and *resume* (a grown checkpoint already exists: load it plainly, never grow
-  twice), set the target `num_layers` / `num_experts` / `moe_router_topk` /
-  `moe_layer_freq`, and refuse bad combinations with the flag to change. No
-  torch.distributed, no tensors are read.
-* `install()`: hooks on Megatron-LM's module globals, looked up at call time, so the stock
-  `pretrain_gpt.py` needs no edit: `parse_args` (adds the group, runs `configure`), the
-  `torch_dist` load strategy factory, `check_checkpoint_args` (accepts the grown
-  `num_layers` only while growing), `load_checkpoint` in the training loop (optimizer and LR
-  schedule policy) and `generate_state_dict` (records the provenance in `common.pt`).
+`configure(args, explicit)` reads the checkpoint metadata, decides between *grow* (load the
+source through the growth strategy) and *resume* (a checkpoint grown from this source with
+these options already exists: load it plainly, never grow twice — a requeued job), sets the
+target `num_layers` / `num_experts` / `moe_router_topk` / `moe_layer_freq`, and refuses bad
+combinations naming the flag to change. No torch.distributed, no tensors are read.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from . import __version__
-from .checkpoint import PROVENANCE_KEY, TRACKER_FILE, CheckpointInfo
-from .options import add_growth_args, growth_from_args
-from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
-from .resume import load_moment_policy
+from .. import __version__
+from ..errors import GrowthError
+from ..io.checkpoint import CheckpointInfo, is_checkpoint_root
+from ..options import add_growth_args, growth_from_args
+from ..plan import DepthGrowth, GrowthPlan, WidthGrowth
+from ..policy import load_moment_policy
+from ..provenance import Provenance, SourceRef
 
 # Megatron-LM argument dests that growth sets; their values given on the command line are
 # checked against the plan.
@@ -66,6 +59,12 @@ class GrowthRequest:
             return False
         return depth == self.depth and width == self.width
 
+    def made(self, provenance: Optional[Provenance], source_root: str, step: Optional[int]) -> bool:
+        """Whether `provenance` records this very growth of `source_root` (at `step`)."""
+        return (provenance is not None and provenance.source.load == source_root
+                and (step is None or provenance.source.iteration == step)
+                and self.same_growth(provenance.plan))
+
 
 @dataclass
 class Decision:
@@ -76,7 +75,7 @@ class Decision:
     request: GrowthRequest
     checkpoint: CheckpointInfo  # the iteration directory that will be loaded
     load: str  # the root `args.load` is set to
-    provenance: dict  # written into common.pt of every checkpoint this job saves
+    provenance: Provenance  # written into the common state of every checkpoint this job saves
     updates: dict[str, Any]  # the Megatron-LM args set from the plan
     notes: list[str]
 
@@ -100,6 +99,10 @@ def configure(args, explicit: set[str]) -> Optional[Decision]:
             "--use-checkpoint-args overwrites num_layers, num_experts and the MoE settings "
             "with the source checkpoint's, which growth changes; drop --use-checkpoint-args "
             "and pass the base run's model arguments (the --grow-* flags derive the rest)")
+    if getattr(args, "hybrid_layer_pattern", None) or getattr(args, "hybrid_override_pattern", None):
+        raise GrowthError(
+            "--hybrid-layer-pattern: growing hybrid (HybridModel) checkpoints through Megatron-LM "
+            "is not supported yet; grow GPT-MoE checkpoints, or drop the --grow-* flags")
     if not args.load:
         raise GrowthError("--grow-* needs --load pointing at the source checkpoint")
     if getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
@@ -156,37 +159,35 @@ def _is_target(plan: GrowthPlan, dest: str, value) -> bool:
                      "moe_router_topk": plan.target_topk}[dest]
 
 
-def _realpath(path) -> str:
+def real_path(path) -> str:
     return os.path.realpath(os.fspath(path))
 
 
 def _has_checkpoint(root) -> bool:
-    return bool(root) and (Path(root) / TRACKER_FILE).exists()
+    return bool(root) and is_checkpoint_root(Path(root))
 
 
 def _resume_decision(args, request: GrowthRequest) -> Optional[Decision]:
     """A checkpoint grown from this `--load` with these options, in `--save` or `--load`:
     a requeued job. It is loaded plainly, whatever iteration it reached."""
-    source_root = _realpath(args.load)
+    source_root = real_path(args.load)
     candidates = [r for r in dict.fromkeys([args.save, args.load]) if _has_checkpoint(r)]
     for root in candidates:
         info = CheckpointInfo.read(root, flag="--save" if root == args.save else "--load")
         prov = info.provenance
-        if not (prov and prov.get("source", {}).get("load") == source_root
-                and (args.ckpt_step is None or prov["source"].get("iteration") == args.ckpt_step)
-                and request.same_growth(prov.get("plan", {}))):
+        if not request.made(prov, source_root, args.ckpt_step):
             continue
-        plan = GrowthPlan.from_description(prov["plan"])
+        plan = prov.growth_plan()
         have = info.architecture()
         if (have.num_layers, have.num_experts) != (plan.target.num_layers, plan.target.num_experts):
             raise GrowthError(
                 f"{info.path} records growth to {plan.target.num_layers} layers / "
                 f"{plan.target.num_experts} experts but holds {have.num_layers} / "
                 f"{have.num_experts}; the checkpoint is inconsistent")
-        note = (f"{info.path} was already grown from {prov['source']['path']} with these "
+        note = (f"{info.path} was already grown from {prov.source.path} with these "
                 "options: resuming it, no growth")
         return Decision(False, plan, request, info, str(root), prov, {}, [note])
-    if _has_checkpoint(args.save) and _realpath(args.save) != source_root:
+    if _has_checkpoint(args.save) and real_path(args.save) != source_root:
         info = CheckpointInfo.read(args.save, flag="--save")
         raise GrowthError(
             f"--save {args.save} already holds a checkpoint (iteration {info.iteration}) that "
@@ -200,17 +201,19 @@ def _grow_decision(args, request: GrowthRequest) -> Decision:
     plan = GrowthPlan(info.architecture(), request.depth, request.width)
     if plan.is_identity:
         raise GrowthError("the --grow-* options change nothing (factor 1, identity layer map)")
-    provenance = {
-        "version": __version__,
-        "source": {"load": _realpath(args.load), "path": _realpath(info.path),
-                   "iteration": info.iteration},
-        "plan": plan.describe(),
-        "optimizer_policy": request.optimizer,
-        "rewarmup_iters": request.rewarmup_iters,
-        "layout": {"tensor_model_parallel_size": args.tensor_model_parallel_size,
-                   "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-                   "expert_model_parallel_size": args.expert_model_parallel_size},
-    }
+    provenance = Provenance(
+        source=SourceRef(real_path(info.path), info.iteration, load=real_path(args.load)),
+        plan=plan.describe(),
+        optimizer_policy=request.optimizer,
+        optimizer="dropped" if request.optimizer == "reset" else "grown",
+        grown_by="megatron-lm",
+        version=__version__,
+        rewarmup_iters=request.rewarmup_iters,
+        layout={"tensor_model_parallel_size": args.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                "expert_model_parallel_size": args.expert_model_parallel_size},
+        previous=info.provenance,
+    )
     notes = [f"growing {info.path}: {plan.source.num_layers} -> {plan.target_num_layers} layers, "
              f"{plan.source.num_experts} -> {plan.target_num_experts} experts, top-k "
              f"{plan.source.topk} -> {plan.target_topk}"] + plan.exactness_notes()
@@ -240,129 +243,3 @@ def _configure_growth_run(args, decision: Decision) -> None:
             f"--grow-optimizer {request.optimizer}: Megatron's optimizer state cannot move between "
             f"--expert-model-parallel-size 1 and > 1 (source {src_ep}, now "
             f"{args.expert_model_parallel_size}); use --grow-optimizer reset")
-
-
-# --- hooks on Megatron-LM -------------------------------------------------------------------
-
-_decision: Optional[Decision] = None
-_installed = False
-
-
-def active_decision() -> Optional[Decision]:
-    return _decision
-
-
-def install() -> None:
-    """Hook Megatron-LM's module globals (idempotent). Import Megatron-LM after sys.path
-    points at the checkout whose `pretrain_gpt.py` runs."""
-    global _installed
-    if _installed:
-        return
-    from megatron.training import arguments, checkpointing, initialize, training
-
-    original_parse = arguments.parse_args
-    for module in (arguments, initialize):  # core_v0.16.1: initialize; newer: arguments
-        if getattr(module, "parse_args", None) is original_parse:
-            module.parse_args = _parse_args_hook(original_parse)
-    if hasattr(checkpointing, "get_default_load_sharded_strategy"):
-        checkpointing.get_default_load_sharded_strategy = _strategy_hook(
-            checkpointing.get_default_load_sharded_strategy)
-    else:  # newer main constructs the strategy class directly
-        checkpointing.TorchDistLoadShardedStrategy = _strategy_hook(
-            checkpointing.TorchDistLoadShardedStrategy)
-    checkpointing.check_checkpoint_args = _check_args_hook(checkpointing.check_checkpoint_args)
-    checkpointing.generate_state_dict = _provenance_hook(checkpointing.generate_state_dict)
-    training.load_checkpoint = _schedule_hook(training.load_checkpoint)
-    _installed = True
-
-
-def _parse_args_hook(original: Callable) -> Callable:
-    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
-        global _decision
-        seen = {}
-
-        def provider(parser):
-            parser = add_arguments(extra_args_provider(parser) if extra_args_provider else parser)
-            seen["parser"] = parser
-            return parser
-
-        args = original(provider, ignore_unknown_args)
-        first = _decision is None  # some releases parse twice (in-process restart wrapper)
-        _decision = configure(args, explicit_dests(args, seen["parser"]))
-        if first and _decision is not None and args.rank == 0:
-            for note in _decision.notes:
-                print(f"megatron-recycle: {note}", flush=True)
-        return args
-
-    return parse_args
-
-
-def _is_source(checkpoint_dir) -> bool:
-    return (_decision is not None and _decision.grow
-            and _realpath(checkpoint_dir) == _realpath(_decision.checkpoint.path))
-
-
-def _strategy_hook(original: Callable) -> Callable:
-    def load_strategy(*args, **kwargs):
-        checkpoint_dir = args[0] if args else kwargs.get("checkpoint_dir")
-        # core_v0.16.1 passes the directory; newer main does not: the only dir loaded with
-        # a strategy while growing is the source.
-        if _decision is not None and _decision.grow and (
-                checkpoint_dir is None or _is_source(checkpoint_dir)):
-            from .strategy import GrowthLoadStrategy
-
-            policy = _decision.request.optimizer
-            return GrowthLoadStrategy(_decision.plan,
-                                      moment_policy="copy" if policy == "reset" else policy)
-        return original(*args, **kwargs)
-
-    return load_strategy
-
-
-def _check_args_hook(original: Callable) -> Callable:
-    def check_checkpoint_args(checkpoint_args, *args, **kwargs):
-        if _decision is not None and _decision.grow and (
-                getattr(checkpoint_args, "num_layers", None) == _decision.plan.source.num_layers):
-            checkpoint_args = copy.copy(checkpoint_args)
-            checkpoint_args.num_layers = _decision.plan.target_num_layers
-        return original(checkpoint_args, *args, **kwargs)
-
-    return check_checkpoint_args
-
-
-def _provenance_hook(original: Callable) -> Callable:
-    def generate_state_dict(*args, **kwargs):
-        state_dict = original(*args, **kwargs)
-        if _decision is not None:  # non-tensor entries land in common.pt
-            state_dict[PROVENANCE_KEY] = _decision.provenance
-        return state_dict
-
-    return generate_state_dict
-
-
-def _schedule_hook(original: Callable) -> Callable:
-    def load_checkpoint(model, optimizer, opt_param_scheduler, *args, **kwargs):
-        result = original(model, optimizer, opt_param_scheduler, *args, **kwargs)
-        if _decision is not None and _decision.grow and opt_param_scheduler is not None:
-            from megatron.training.global_vars import get_args
-
-            apply_schedule_policy(opt_param_scheduler, _decision, get_args())
-        return result
-
-    return load_checkpoint
-
-
-def apply_schedule_policy(scheduler, decision: Decision, args) -> None:
-    """After the grown load: continue the source's step count, or restart with a warmup.
-
-    With `--grow-optimizer reset` Megatron-LM loads no scheduler state, so the source's
-    step count is taken from its common.pt here.
-    """
-    saved = decision.checkpoint.common.get("opt_param_scheduler")
-    if args.no_load_optim and saved is not None and not args.finetune:
-        scheduler.load_state_dict(saved)
-    iters = decision.request.rewarmup_iters
-    if iters:
-        scheduler.num_steps = 0
-        scheduler.lr_warmup_steps = iters * args.global_batch_size
-    scheduler.step(increment=0)

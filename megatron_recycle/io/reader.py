@@ -1,15 +1,20 @@
-"""Reading boxes of a `torch_dist` checkpoint in one process, without torch.distributed.
+"""Reading boxes of a `torch_dist` checkpoint in one process, without torch.distributed, and
+without running code from the checkpoint.
 
 megatron-core's own reader turns requests into torch ShardedTensors on a regular grid and
 counts the missing grid cells as "other ranks' shards", which cannot work in a world of one
 for partial tensors. The offline tools read in plain processes, so they ask torch DCP for
 the boxes directly: each request (a megatron-core ShardedTensor or ShardedObject) becomes
-DCP read items for exactly its box, read into the request's own tensor.
+DCP read items for exactly its box, read into the request's own tensor. `.metadata` is
+unpickled with an allow-list and objects with `weights_only=True` (torch DCP's own planner
+unpickles objects with `weights_only=False`).
 """
 
 from __future__ import annotations
 
 import functools
+import io
+import pickle
 import warnings
 from pathlib import Path
 
@@ -29,13 +34,38 @@ from torch.distributed.checkpoint.planner_helpers import (
     create_read_items_for_chunk_list,
 )
 
-from .plan import GrowthError
+from ..errors import CheckpointError, GrowthError
+from ..mapping import Box
+from .safe_pickle import load_metadata, refusal
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """torch DCP's file reader with `.metadata` unpickled safely, once per process (the
+    offline tools read a checkpoint batch by batch)."""
+
+    def __init__(self, checkpoint_dir):
+        super().__init__(str(Path(checkpoint_dir)))
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+    def read_metadata(self) -> Metadata:
+        path = self.checkpoint_dir / ".metadata"
+        try:
+            stat = path.stat()
+        except OSError:
+            return load_metadata(path)  # raises, naming the file
+        return _cached_metadata(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_metadata(path: str, mtime_ns: int, size: int) -> Metadata:
+    return load_metadata(Path(path))  # keyed by mtime and size: never stale
 
 
 class _BoxPlanner(LoadPlanner):
     """Reads each requested box into its destination tensor (and objects into a dict)."""
 
-    def __init__(self, requests: dict):
+    def __init__(self, checkpoint_dir, requests: dict):
+        self.checkpoint_dir = checkpoint_dir
         self.requests = requests
         self.targets: dict[MetadataIndex, torch.Tensor] = {}
         self.objects: dict[str, object] = {}
@@ -77,19 +107,20 @@ class _BoxPlanner(LoadPlanner):
     def _stored_in(self, sh, md: TensorStorageMetadata) -> TensorStorageMetadata:
         """`md` cut to the stored chunks at the request's layer/expert index: torch matches a
         request against every chunk of the tensor, which is quadratic over a whole model."""
-        p = sh.prepend_axis_num
-        if not p:
+        prepend = sh.prepend_axis_num
+        if not prepend:
             return md
         by_index = self._chunks_by_index.get(sh.key)
         if by_index is None:
             by_index = {}
             for c in md.chunks:
-                by_index.setdefault(tuple(c.offsets[:p]) if all(n == 1 for n in c.sizes[:p]) else None,
-                                    []).append(c)
+                single = all(n == 1 for n in c.sizes[:prepend])
+                by_index.setdefault(tuple(c.offsets[:prepend]) if single else None, []).append(c)
             self._chunks_by_index[sh.key] = by_index
         if None in by_index:  # chunks spanning several layers/experts: match against all
             return md
-        return TensorStorageMetadata(md.properties, md.size, by_index.get(tuple(sh.global_offset[:p]), []))
+        return TensorStorageMetadata(md.properties, md.size,
+                                     by_index.get(tuple(sh.global_offset[:prepend]), []))
 
     def create_global_plan(self, global_plan):
         return global_plan
@@ -98,7 +129,14 @@ class _BoxPlanner(LoadPlanner):
         return central_plan
 
     def load_bytes(self, read_item, value) -> None:
-        self.objects[read_item.dest_index.fqn] = torch.load(value, weights_only=False)
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+            if isinstance(obj, io.BytesIO):  # saved through torch DCP's default planner, which
+                obj = torch.load(obj, weights_only=True)  # wraps bytes once more (as megatron-core reads it)
+            self.objects[fqn] = obj
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{self.checkpoint_dir}: object {fqn!r}: {refusal(e)}") from None
 
     def resolve_tensor(self, read_item):
         view = self.targets[read_item.dest_index]
@@ -110,15 +148,14 @@ class _BoxPlanner(LoadPlanner):
         pass  # resolve_tensor returned a view of the destination: already in place
 
 
-def box_request(key: str, global_shape, offset, shape, prepend: int, dtype: torch.dtype):
-    """A read request for `read_boxes`: `shape` at global `offset` of tensor `key`, its first
-    `prepend` axes (layers/experts) left out of `shape`, into a fresh tensor."""
+def box_request(box: Box, dtype: torch.dtype):
+    """A read request for `read_boxes`: `box` into a fresh tensor of `dtype`."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    return ShardedTensor(key=key, data=torch.empty(tuple(shape), dtype=dtype), dtype=dtype,
-                         local_shape=tuple(shape), global_shape=tuple(global_shape),
-                         global_offset=tuple(offset), axis_fragmentations=None, replica_id=0,
-                         prepend_axis_num=prepend)
+    return ShardedTensor(key=box.key, data=torch.empty(box.shape, dtype=dtype), dtype=dtype,
+                         local_shape=tuple(box.shape), global_shape=tuple(box.global_shape),
+                         global_offset=box.global_offset, axis_fragmentations=None, replica_id=0,
+                         prepend_axis_num=len(box.index))
 
 
 def read_boxes(checkpoint_dir, requests: dict) -> dict:
@@ -128,46 +165,46 @@ def read_boxes(checkpoint_dir, requests: dict) -> dict:
         data = getattr(sh, "data", None)
         if isinstance(data, torch.Tensor) and not data.is_contiguous():
             raise ValueError(f"{name}: destination tensors must be contiguous")
-    planner = _BoxPlanner(requests)
+    planner = _BoxPlanner(checkpoint_dir, requests)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp_load({}, storage_reader=_Reader(checkpoint_dir), planner=planner, no_dist=True)
-    out = {name: sh.data for name, sh in requests.items() if name not in _object_names(planner)}
+        try:
+            dcp_load({}, storage_reader=SafeFileSystemReader(checkpoint_dir), planner=planner,
+                     no_dist=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # torch DCP wraps failures in a BaseException
+            cause = _cause(e)
+            if isinstance(cause, GrowthError):
+                raise cause from None
+            raise CheckpointError(f"{checkpoint_dir}: reading its tensors failed "
+                                  f"({_first_line(cause)}); the checkpoint is corrupt or "
+                                  "unreadable") from None
+    objects = {n for names in planner.names_of_objects.values() for n in names}
+    out = {name: sh.data for name, sh in requests.items() if name not in objects}
     for key, names in planner.names_of_objects.items():
         (value,) = planner.objects[key]  # megatron-core stores each object as a 1-element list
         out.update({name: value for name in names})
     return out
 
 
-class _Reader(FileSystemReader):
-    """A FileSystemReader that unpickles a checkpoint's `.metadata` once per process, not once
-    per read (the offline tools read a checkpoint batch by batch)."""
+def read_object(checkpoint_dir, key: str, global_shape=(1,), global_offset=(0,)):
+    """One ShardedObject's value."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    def __init__(self, checkpoint_dir):
-        super().__init__(str(Path(checkpoint_dir)))
-        self.checkpoint_dir = Path(checkpoint_dir)
-
-    def read_metadata(self) -> Metadata:
-        stat = (self.checkpoint_dir / ".metadata").stat()
-        return _cached_metadata(str(self.checkpoint_dir.resolve()), stat.st_mtime_ns, stat.st_size)
+    return read_boxes(checkpoint_dir, {"o": ShardedObject(key, None, global_shape, global_offset,
+                                                          replica_id=0)})["o"]
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_metadata(checkpoint_dir: str, mtime_ns: int, size: int) -> Metadata:
-    return FileSystemReader(checkpoint_dir).read_metadata()  # keyed by mtime and size: never stale
+def _cause(e: BaseException) -> BaseException:
+    """The exception torch DCP's CheckpointException wraps (per rank), else `e`."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = next(iter(failures.values()))
+        return wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    return e
 
 
-def _object_names(planner: _BoxPlanner) -> set[str]:
-    return {n for names in planner.names_of_objects.values() for n in names}
-
-
-def single_process_strategy(base: type) -> type:
-    """`base` (a TorchDistLoadShardedStrategy subclass, e.g. the growth hook) with its raw
-    checkpoint read replaced by `read_boxes`: everything `base` adds on top is kept."""
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
-
-    class _Read(TorchDistLoadShardedStrategy):
-        def load(self, sharded_state_dict, checkpoint_dir):
-            return read_boxes(checkpoint_dir, sharded_state_dict)
-
-    return type(f"SingleProcess{base.__name__}", (base, _Read), {})
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .plan import Architecture, GrowthPlan
+from ..plan import Architecture, GrowthPlan
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def save_checkpoint(root, iteration: int, state_dict: dict) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from .checkpoint import TRACKER_FILE, iteration_dir
+    from ..io.checkpoint import TRACKER_FILE, iteration_dir
 
     root = Path(root)
     path = iteration_dir(root, iteration)

@@ -1,0 +1,45 @@
+"""Everything that differs between the megatron-core releases we support, in one place.
+
+Supported: megatron-core 0.16.x to 0.19.x and Megatron-LM main (0.20 pre-releases). The rest
+of the package is written once against these functions; no other module asks for a version.
+
+- The common state (args, iteration, scheduler, provenance): `common.pt` beside the
+  `.distcp` files up to 0.18; from 0.19 on a `common_state` ShardedObject inside them (and
+  no common.pt). 0.19+ loads both, 0.16-0.18 only common.pt. We read both forms on any
+  release (`io.checkpoint.read_common_state`) and write the form the installed release
+  saves, so what we write loads wherever a checkpoint saved here would.
+- `TorchDistLoadShardedStrategy.load` takes a third argument from 0.17 on (the async
+  strategy): the load hook forwards whatever it is given.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from packaging.version import Version
+
+COMMON_STATE_FILE = "common.pt"
+COMMON_STATE_OBJECT = "common_state"  # the ShardedObject key megatron-core 0.19+ saves it under
+
+
+@functools.lru_cache(maxsize=1)
+def megatron_core_version() -> Version:
+    from megatron.core import package_info
+
+    return Version(package_info.__version__)
+
+
+def saves_common_state_object() -> bool:
+    """Whether this megatron-core keeps the common state inside the `.distcp` files."""
+    return megatron_core_version().release >= (0, 19)
+
+
+def common_state_storage_key() -> str:
+    """The storage key of the common state object: `common_state/shard_0_1`."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(COMMON_STATE_OBJECT, None, (1,), (0,)).unique_key
+
+
+def is_common_state_object(storage_key: str) -> bool:
+    return storage_key.split("/", 1)[0] == COMMON_STATE_OBJECT

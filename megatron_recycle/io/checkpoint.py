@@ -1,0 +1,226 @@
+"""What a Megatron `torch_dist` checkpoint holds, without loading any tensor.
+
+A checkpoint *root* (`--load`) has `latest_checkpointed_iteration.txt` and `iter_XXXXXXX/`
+directories; an iteration directory has `metadata.json` (backend), `.metadata` (global
+shapes of every tensor) and the common state (args, iteration, scheduler, optimizer groups):
+`common.pt` up to megatron-core 0.18, a `common_state` object inside the `.distcp` files
+from 0.19 on (`read_common_state` reads both). Both path forms are accepted wherever
+a checkpoint is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import compat, indexing
+from ..errors import CheckpointError, GrowthError
+from ..plan import Architecture
+from ..policy import DP_RESHARDABLE_KEY
+from ..provenance import Provenance
+from .reader import SafeFileSystemReader, read_object
+from .safe_pickle import refusal
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
+    """The common state of an iteration directory, in either form, unpickled with
+    `weights_only=True` and megatron-core's safe globals (args, its enums). Content that needs
+    unsafe unpickling is refused, never loaded. (megatron-core 0.19's own
+    `load_common_state_dict` reads the object form through torch DCP's default planner, which
+    unpickles with `weights_only=False`.)"""
+    import megatron.core  # noqa: F401  registers megatron-core's safe globals with torch
+
+    legacy = checkpoint_dir / compat.COMMON_STATE_FILE
+    if not legacy.exists():
+        stored = SafeFileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+        if compat.common_state_storage_key() not in stored:
+            raise CheckpointError(
+                f"{checkpoint_dir}: no common state (neither {compat.COMMON_STATE_FILE} nor a "
+                f"{compat.COMMON_STATE_OBJECT!r} object in the .distcp files); the checkpoint is "
+                "incomplete: point at another iteration")
+        common = read_object(checkpoint_dir, compat.COMMON_STATE_OBJECT)
+    else:
+        try:
+            common = torch.load(legacy, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{legacy}: {refusal(e)}") from None
+        except Exception as e:  # truncated or garbled: whatever torch raised
+            raise CheckpointError(f"{legacy}: cannot be read ({type(e).__name__}: "
+                                  f"{_one_line(e)}); the checkpoint is corrupt") from None
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{checkpoint_dir}: the common state is a {type(common).__name__}, "
+                              "not a dict; the checkpoint is corrupt")
+    return common
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or "no detail"
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return root / f"iter_{iteration:07d}"
+
+
+def read_tracker(root: Path, flag: str = "--load") -> Path:
+    """The iteration directory the tracker file of `root` names."""
+    tracker = root / TRACKER_FILE
+    try:
+        text = tracker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{flag} {tracker}: cannot be read ({e})") from None
+    if text == "release":
+        return root / "release"
+    if not text.isdigit():
+        raise CheckpointError(
+            f"{flag} {tracker}: says {text[:40]!r}, not an iteration number or 'release'; fix it "
+            f"to name one of {sorted(d.name for d in root.glob('iter_*'))[-3:]} or pass --ckpt-step")
+    return iteration_dir(root, int(text))
+
+
+def is_checkpoint_root(path: Path) -> bool:
+    """A directory Megatron-LM would load: a tracker file naming an existing iteration."""
+    try:
+        return path.is_dir() and read_tracker(path).is_dir()
+    except CheckpointError:
+        return False
+
+
+def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--load") -> Path:
+    """The iteration directory of `path` (a root or an iteration dir), checked to be torch_dist."""
+    p = Path(path)
+    if not p.exists():
+        raise GrowthError(f"{flag} {p}: no such directory")
+    if not p.is_dir():
+        raise GrowthError(f"{flag} {p}: not a directory; point it at a checkpoint root or an "
+                          "iter_XXXXXXX directory")
+    if (p / "metadata.json").exists() and step is None:
+        ckpt = p
+    elif step is not None:
+        ckpt = iteration_dir(p, step)
+        if not ckpt.exists():
+            have = sorted(d.name for d in p.glob("iter_*"))
+            raise GrowthError(f"--ckpt-step {step}: {ckpt} does not exist (have: {have})")
+    elif (p / TRACKER_FILE).exists():
+        ckpt = read_tracker(p, flag)
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{flag} {p}: {TRACKER_FILE} names {ckpt.name}, which does not "
+                                  "exist; fix the tracker file or pass --ckpt-step")
+    else:
+        raise GrowthError(
+            f"{flag} {p}: neither a checkpoint root (no {TRACKER_FILE}) nor an "
+            "iteration directory (no metadata.json); point it at a Megatron checkpoint"
+        )
+    meta = ckpt / "metadata.json"
+    if not meta.exists():
+        raise GrowthError(
+            f"{flag} {ckpt}: no metadata.json, so not a distributed (torch_dist) checkpoint; "
+            "legacy torch checkpoints must be converted with Megatron's "
+            "--ckpt-convert-format torch_dist first"
+        )
+    try:
+        backend = json.loads(meta.read_text()).get("sharded_backend")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{meta}: garbled ({type(e).__name__}: {e}); the checkpoint is "
+                              "corrupt or not a Megatron checkpoint") from None
+    if backend != "torch_dist":
+        raise GrowthError(
+            f"{flag} {ckpt}: sharded backend is {backend!r}, growth reads 'torch_dist' only; "
+            "re-save with --ckpt-format torch_dist"
+        )
+    return ckpt
+
+
+@dataclass
+class CheckpointInfo:
+    """Metadata of one iteration directory: tensor shapes and the common state."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    objects: list[str]  # storage keys of the ShardedObjects (`{key}/shard_{offset}_{shape}`)
+    common: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, step: Optional[int] = None, flag: str = "--load"):
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+        ckpt = resolve(path, step, flag)
+        metadata = SafeFileSystemReader(ckpt).read_metadata()
+        shapes, dtypes, objects = {}, {}, []
+        for k, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                shapes[k] = tuple(md.size)
+                dtypes[k] = md.properties.dtype
+            elif isinstance(md, BytesStorageMetadata) and not compat.is_common_state_object(k):
+                objects.append(k)
+        common = read_common_state(ckpt)
+        return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=objects, common=common)
+
+    @property
+    def args(self):
+        return self.common.get("args")
+
+    @property
+    def iteration(self) -> Optional[int]:
+        return self.common.get("iteration")
+
+    @property
+    def provenance(self) -> Optional[Provenance]:
+        return Provenance.of(self.common)
+
+    @property
+    def optimizer_format(self) -> Optional[str]:
+        """'fully_reshardable', 'dp_reshardable', 'non_distributed' (model-space state of
+        the plain optimizer), another sharding type Megatron recorded, or None (no state)."""
+        state = [k for k in self.shapes if k.startswith("optimizer.")]
+        sharding = (self.common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+        if sharding:
+            return sharding
+        if any(DP_RESHARDABLE_KEY.match(k) for k in self.shapes):
+            return "dp_reshardable"
+        if any(k.startswith("optimizer.state.param.") for k in state):
+            return "fully_reshardable"
+        if state:  # fp32_param master copies (bf16 runs) or, in fp32, the moments alone
+            return "non_distributed"
+        return None
+
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: s for k, s in self.shapes.items() if not k.startswith("optimizer.")}
+
+    def architecture(self) -> Architecture:
+        """From the common state's `args` where present, else from the tensors' global shapes."""
+        shapes = self.model_shapes()
+        num_layers = indexing.decoder_layer_count(shapes)
+        if num_layers is None:
+            raise GrowthError(f"{self.path}: no decoder.layers.* tensors; not a GPT checkpoint")
+        experts = indexing.expert_count(shapes)
+        args = self.args
+
+        def get(name, default=None):
+            return getattr(args, name, default) if args is not None else default
+
+        for name, held in (("num_layers", num_layers), ("num_experts", experts)):
+            if get(name) not in (None, held):
+                raise CheckpointError(
+                    f"{self.path}: the common state's args say {name}={get(name)} but the tensors "
+                    f"hold {held}; the checkpoint is inconsistent")
+        moe_layers = indexing.moe_layer_pattern(shapes, num_layers)
+        return Architecture(
+            num_layers=num_layers,
+            num_experts=experts,
+            topk=get("moe_router_topk") if experts else None,
+            moe_layers=moe_layers,
+            mtp_layers=indexing.mtp_layer_count(shapes),
+            router_num_groups=get("moe_router_num_groups"),
+            router_group_topk=get("moe_router_group_topk"),
+            score_function=get("moe_router_score_function", "softmax") or "softmax",
+            pre_softmax=bool(get("moe_router_pre_softmax", False)),
+        )

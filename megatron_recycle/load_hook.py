@@ -1,0 +1,255 @@
+"""The load hook: a `torch_dist` load strategy that grows the checkpoint while it loads.
+
+`dist_checkpointing.load(model.sharded_state_dict(), src, GrowthLoadStrategy(...))` gives
+every rank its shards of the *grown* model. Per rank:
+1. map each requested target shard to a source box (`mapping.py`); every rank agrees that
+   mapping succeeded before anything is read;
+2. read each distinct source box once, in one collective `torch_dist` read, straight into a
+   target shard where one takes the box whole (so memory stays near the rank's own shards);
+3. fill copies, router rows and noise (`ops.py`).
+Steps 1 and 3 (`grow_state_dict`) are also what offline growth runs, with its own reader.
+Works under `FullyParallelLoadStrategyWrapper` (each call is one collective read).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+from . import indexing, ops, policy
+from .io.checkpoint import CheckpointInfo
+from .mapping import Box, Fill, map_object, map_shard
+from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
+
+logger = logging.getLogger(__name__)
+
+_OPTIMIZER_KEYS = ("optimizer.", "chained_")
+# Reads a request (name → ShardedTensor / ShardedObject) from the source checkpoint and
+# returns name → tensor / object, as `TorchDistLoadShardedStrategy.load` does.
+Reader = Callable[[dict], dict]
+
+
+class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
+    """Load a source checkpoint into a grown model's sharded state dict."""
+
+    def __init__(
+        self,
+        plan: Optional[GrowthPlan] = None,
+        depth: Optional[DepthGrowth] = None,
+        width: Optional[WidthGrowth] = None,
+        optimizer_policy: str = "copy",
+        source: Optional[str | os.PathLike] = None,
+    ):
+        """`optimizer_policy` (`--grow-optimizer`): copy / zero grow optimizer state the load
+        asks for; reset means none is asked for. `source`: grow only what is loaded from this
+        checkpoint directory and load any other plainly (for a training framework that builds
+        its load strategy before it knows the directory)."""
+        super().__init__()
+        # megatron-core 0.19.0 can dequantize FP8 targets tensor by tensor inside its reader;
+        # growth writes into the targets itself, so they are dequantized before the load.
+        self.stream_ckpt_dequant = False
+        if plan is not None and (depth is not None or width is not None):
+            raise GrowthError("give either a GrowthPlan or depth/width options, not both")
+        policy.check_optimizer_policy(optimizer_policy)
+        self.plan = plan
+        self.depth = depth or DepthGrowth()
+        self.width = width or WidthGrowth()
+        self.optimizer_policy = optimizer_policy
+        self.source = None if source is None else os.path.realpath(source)
+        self._info: dict[Path, CheckpointInfo] = {}
+
+    def source_info(self, checkpoint_dir) -> CheckpointInfo:
+        path = Path(checkpoint_dir)
+        if path not in self._info:
+            self._info[path] = CheckpointInfo.read(path)
+        return self._info[path]
+
+    def plan_for(self, checkpoint_dir) -> GrowthPlan:
+        if self.plan is None:
+            arch = self.source_info(checkpoint_dir).architecture()
+            self.plan = GrowthPlan(arch, self.depth, self.width)
+        return self.plan
+
+    @torch.no_grad()
+    def load(self, sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        """`*args`: what this megatron-core passes on to its own reader (0.17+: the async
+        strategy), forwarded unchanged."""
+        if self.source is not None and os.path.realpath(checkpoint_dir) != self.source:
+            return super().load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        try:
+            work = prepare(self.plan_for(checkpoint_dir), self.source_info(checkpoint_dir).shapes,
+                           sharded_state_dict, self.optimizer_policy)
+            error = None
+        except GrowthError as e:  # agree on failure before the collective read
+            work, error = None, e
+        _raise_if_any_rank_failed(error)
+
+        def read(request: dict) -> dict:
+            if not request and not _distributed():
+                return {}
+            return super(GrowthLoadStrategy, self).load(request, checkpoint_dir, *args, **kwargs)
+
+        return execute(work, self.plan, read)
+
+
+def grow_state_dict(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, read: Reader,
+                    optimizer_policy: str = "copy"):
+    """`sharded_state_dict` (target shards) filled from the source that `read` reads: the hook's
+    work without its collective agreement, for one process."""
+    return execute(prepare(plan, source_shapes, sharded_state_dict, optimizer_policy), plan, read)
+
+
+@dataclass
+class Work:
+    """A rank's growth, decided from metadata alone: what to read and how to fill."""
+
+    sharded_state_dict: object
+    request: dict = field(default_factory=dict)  # name → what to read from the source
+    fills: list[tuple[ShardedTensor, Fill]] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)  # the box read under request name r{i}
+    late: set[int] = field(default_factory=set)  # ids of noisy shards that hold their box
+    passthrough: list[tuple[str, ShardedTensor]] = field(default_factory=list)
+    objects: list[tuple[ShardedObject, str]] = field(default_factory=list)
+
+
+def prepare(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, optimizer_policy: str) -> Work:
+    """Map every requested shard and object; raises GrowthError before anything is read."""
+    work = Work(sharded_state_dict)
+    object_requests: dict[str, tuple[str, ShardedObject]] = {}
+    for sh in nested_values(sharded_state_dict):
+        if not isinstance(sh, (ShardedTensor, ShardedObject)):
+            continue
+        if sh.key.startswith(_OPTIMIZER_KEYS) and not plan.is_identity:
+            if not policy.grows_optimizer(optimizer_policy):
+                raise GrowthError(f"key {sh.key!r}: optimizer state is asked for, but "
+                                  "--grow-optimizer reset loads none; do not request it "
+                                  "(--no-load-optim)")
+            if policy.DP_RESHARDABLE_KEY.match(sh.key):
+                policy.load_moment_policy(optimizer_policy, "dp_reshardable")  # raises, saying what to do
+        if isinstance(sh, ShardedObject):
+            key, shape, offset = map_object(plan, sh.key, sh.global_shape, sh.global_offset)
+            source = ShardedObject(key, None, shape, offset, replica_id=0)
+            name = object_requests.setdefault(source.unique_key, (f"o{len(object_requests)}", source))[0]
+            work.objects.append((sh, name))
+            continue
+        layout = indexing.parse_key(sh.key, sh.prepend_axis_num)
+        if not (layout.has_layer or layout.has_expert) or plan.is_identity:
+            work.passthrough.append((f"p{len(work.passthrough)}", sh))
+            continue
+        work.fills.append((sh, map_shard(plan, source_shapes, sh.key, sh.global_shape,
+                                         sh.global_offset, sh.local_shape, sh.prepend_axis_num,
+                                         optimizer_policy)))
+    work.request.update({name: sh for name, sh in work.passthrough})
+    work.request.update({name: source for name, source in object_requests.values()})
+    _plan_reads(work)
+    logger.info("growth: %d target shards from %d source regions (%d passed through)",
+                len(work.fills), len(work.boxes), len(work.passthrough))
+    return work
+
+
+def _plan_reads(work: Work) -> None:
+    """One read per distinct source box, of whole units where σ is needed. A box is read
+    straight into the shard of a target that takes it whole: preferably one that copies it
+    unchanged, else one that adds noise to it (that fill then runs late, after every fill
+    that reads the box). Other boxes get a buffer."""
+    sigma_units = _sigma_units(work.fills)
+    holders: dict[Box, tuple[ShardedTensor, bool]] = {}  # box → (shard, noisy)
+    dtypes: dict[Box, torch.dtype] = {}
+    for sh, fill in work.fills:
+        read = fill.source.unit() if fill.source.unit() in sigma_units else fill.source
+        dtypes.setdefault(read, sh.data.dtype)
+        takes_whole = (fill.rows is None and not fill.zero and read == fill.source
+                       and sh.data.is_contiguous())
+        if not takes_whole:
+            continue
+        noisy = fill.noise is not None
+        if read not in holders or (holders[read][1] and not noisy):
+            holders[read] = (sh, noisy)
+    for unit in sigma_units:
+        dtypes.setdefault(unit, torch.float32)
+    work.boxes = list(dtypes)
+    work.late = {id(sh) for sh, fill in work.fills
+                 if fill.noise is not None and holders.get(fill.source, (None,))[0] is sh}
+    for i, box in enumerate(work.boxes):
+        into = _local(holders[box][0]) if box in holders else None
+        work.request[f"r{i}"] = _box_request(box, into, dtypes[box])
+
+
+def execute(work: Work, plan: GrowthPlan, read: Reader):
+    """Read what `work` asks for and fill every target shard; returns the loaded state dict."""
+    loaded = read(work.request)
+    buffers = {box: loaded[f"r{i}"] for i, box in enumerate(work.boxes)}
+    units = list(_sigma_units(work.fills))
+    sigmas = dict(zip(units, ops.parallel(lambda unit: ops.sigma(buffers[unit]), units)))
+    width = plan.width
+
+    def fill(item: tuple[ShardedTensor, Fill]) -> None:  # targets are disjoint: thread-safe
+        sh, how = item
+        ops.fill_shard(_local(sh), how, ops.box_view(buffers, how.source), sigmas.__getitem__,
+                       width.noise_alpha, width.seed)
+
+    ops.parallel(fill, [item for item in work.fills if id(item[0]) not in work.late])
+    ops.parallel(fill, [item for item in work.fills if id(item[0]) in work.late])
+    results = {id(sh): _local(sh) for sh, _ in work.fills}
+    results.update({id(sh): loaded[name] for name, sh in work.passthrough})
+    results.update({id(sh): loaded[name] for sh, name in work.objects})
+    return dict_list_map_outplace(lambda v: results.get(id(v), v), work.sharded_state_dict)
+
+
+def _sigma_units(fills) -> set[Box]:
+    return {f.noise.sigma_unit for _, f in fills if f.noise is not None}
+
+
+def _local(sh: ShardedTensor) -> torch.Tensor:
+    """The shard's data in its local shape (a previous torch_dist load leaves it viewed with
+    the prepended axes as leading 1s)."""
+    return sh.data.view(sh.local_shape)
+
+
+def _box_request(box: Box, data: Optional[torch.Tensor], dtype) -> ShardedTensor:
+    """A read of `box` into `data` (a fresh tensor if None), as megatron-core's reader takes
+    it: a regular grid over the unit, so the fragmentation is the unit over the box."""
+    prepend = len(box.index)
+    if data is None:
+        data = torch.empty(box.shape, dtype=dtype)
+    fragments = tuple(box.global_shape[:prepend]) + tuple(
+        g // s if s else 1 for g, s in zip(box.unit_shape, box.shape))
+    return ShardedTensor(
+        key=box.key,
+        data=data,
+        dtype=data.dtype,
+        local_shape=tuple(box.shape),
+        global_shape=tuple(box.global_shape),
+        global_offset=box.global_offset,
+        axis_fragmentations=fragments,
+        replica_id=0,
+        prepend_axis_num=prepend,
+    )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _raise_if_any_rank_failed(error: Optional[Exception]) -> None:
+    """Every rank raises if one could not map its shards, instead of hanging in the read."""
+    if not _distributed():
+        if error is not None:
+            raise error
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else str(error))
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise GrowthError(f"growth failed on rank {errors.index(first)}: {first}")
