@@ -38,6 +38,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import VOCAB_SIZE, ByteCorpus  # noqa: E402
 
+from megatron_recycle import compat  # noqa: E402
 from megatron_recycle.testing import cpu, toy  # noqa: E402
 from megatron_recycle.io.checkpoint import CheckpointInfo  # noqa: E402
 from megatron_recycle.options import add_growth_args, growth_from_args  # noqa: E402
@@ -412,6 +413,7 @@ def setup(args) -> Run:
     layout = layout_from(args)
     if args.grow_from:
         info = CheckpointInfo.read(args.grow_from, flag="--grow-from")
+        compat.check_loadable(info.path, "--grow-from")
         depth, width, _ = growth_from_args(args)
         plan = GrowthPlan(info.architecture(), depth, width)
         spec = spec_from(info.args).grown(plan)

@@ -15,8 +15,11 @@ of the package is written once against these functions; no other module asks for
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from packaging.version import Version
+
+from .errors import GrowthError
 
 COMMON_STATE_FILE = "common.pt"
 COMMON_STATE_OBJECT = "common_state"  # the ShardedObject key megatron-core 0.19+ saves it under
@@ -30,8 +33,20 @@ def megatron_core_version() -> Version:
 
 
 def saves_common_state_object() -> bool:
-    """Whether this megatron-core keeps the common state inside the `.distcp` files."""
+    """Whether this megatron-core keeps the common state inside the `.distcp` files (and
+    so also loads checkpoints that keep it there)."""
     return megatron_core_version().release >= (0, 19)
+
+
+def check_loadable(checkpoint_dir: Path, flag: str = "--load") -> None:
+    """Refuse, before anything is built, a checkpoint this megatron-core's `dist_checkpointing.load`
+    cannot open: up to 0.18 it needs common.pt, which 0.19+ no longer writes."""
+    if not saves_common_state_object() and not (Path(checkpoint_dir) / COMMON_STATE_FILE).exists():
+        raise GrowthError(
+            f"{flag} {checkpoint_dir}: saved by megatron-core 0.19 or later (its common state is "
+            f"inside the .distcp files, no {COMMON_STATE_FILE}), which megatron-core "
+            f"{megatron_core_version()} cannot load; use megatron-core >= 0.19, or grow it "
+            "offline here with `megatron-recycle grow`, which writes the form this release loads")
 
 
 def common_state_storage_key() -> str:

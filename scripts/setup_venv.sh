@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
-# Make .venv with the pinned CPU dependencies and megatron-recycle itself (idempotent).
+# Make a venv with the pinned CPU dependencies, one megatron-core line and megatron-recycle
+# itself (idempotent).
+#   bash scripts/setup_venv.sh          # .venv: megatron-core 0.19.2 (current)
+#   bash scripts/setup_venv.sh 0.16     # .venv-mcore0.16: megatron-core 0.16.1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -r requirements-ci.txt
-.venv/bin/pip install -q -e . --no-deps
+line="${1:-0.19}"
+case "$line" in
+  0.19) venv=.venv ;;
+  0.16) venv=.venv-mcore0.16 ;;
+  *) echo "usage: $0 [0.19|0.16]" >&2; exit 2 ;;
+esac
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade pip
+"$venv/bin/pip" install -q -r "requirements/mcore-$line.txt"
+if [ "$line" = 0.19 ]; then
+  "$venv/bin/pip" install -q --no-deps --ignore-requires-python megatron-core==0.19.2
+fi
+"$venv/bin/pip" install -q -e . --no-deps
+echo "$venv"

@@ -17,11 +17,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(script: str, nproc: int, *args, timeout: int = 900) -> str:
-    """Run `tests/workers/<script>` on `nproc` gloo ranks with torchrun; fail with its output."""
+def run_ranks(script: str, nproc: int, *args, timeout: int = 900, python: str = sys.executable) -> str:
+    """Run `tests/workers/<script>` on `nproc` gloo ranks with torchrun (of `python`); fail with
+    its output."""
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={_free_port()}", str(TESTS / "workers" / script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr

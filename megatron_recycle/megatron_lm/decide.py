@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__
+from .. import __version__, compat
 from ..errors import GrowthError
 from ..io.checkpoint import CheckpointInfo, is_checkpoint_root
 from ..options import add_growth_args, growth_from_args
@@ -198,6 +198,7 @@ def _resume_decision(args, request: GrowthRequest) -> Optional[Decision]:
 
 def _grow_decision(args, request: GrowthRequest) -> Decision:
     info = CheckpointInfo.read(args.load, args.ckpt_step)
+    compat.check_loadable(info.path)
     plan = GrowthPlan(info.architecture(), request.depth, request.width)
     if plan.is_identity:
         raise GrowthError("the --grow-* options change nothing (factor 1, identity layer map)")

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test suite on both megatron-core lines, each in its own venv (made if missing):
+# 0.19.2 (.venv) and 0.16.1 (.venv-mcore0.16). Each run also gets the other line's Python, for
+# the tests that save a checkpoint with one release and grow it with the other.
+#   bash scripts/test.sh [PYTEST ARGS...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_venv.sh 0.19 >/dev/null
+bash scripts/setup_venv.sh 0.16 >/dev/null
+status=0
+for run in ".venv .venv-mcore0.16" ".venv-mcore0.16 .venv"; do
+  read -r venv other <<<"$run"
+  version=$("$venv/bin/python" -c "from importlib.metadata import version; print(version('megatron-core'))")
+  echo "=== megatron-core $version ($venv)"
+  MEGATRON_RECYCLE_OTHER_PYTHON="$PWD/$other/bin/python" "$venv/bin/python" -m pytest tests -q "$@" \
+    || status=1
+done
+exit $status
