@@ -38,7 +38,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import VOCAB_SIZE, ByteCorpus  # noqa: E402
 
-from megatron_recycle import compat  # noqa: E402
+from megatron_recycle import compat, fixes  # noqa: E402
 from megatron_recycle.testing import cpu, toy  # noqa: E402
 from megatron_recycle.io.checkpoint import CheckpointInfo  # noqa: E402
 from megatron_recycle.options import add_growth_args, growth_from_args  # noqa: E402
@@ -404,8 +404,7 @@ def init_distributed() -> None:
     else:
         cpu.install()
         dist.init_process_group("gloo")
-    cpu.patch_torch_adam_fallback()  # megatron-core's torch-AdamW load bugs hit GPUs too
-    cpu.patch_torch_norm_sequence_parallel()  # MoE at TP > 1 needs SP; without apex, GPUs too
+    fixes.apply()  # megatron-core without apex/TE: its torch-AdamW load bugs, SP for its torch norm
 
 
 def setup(args) -> Run:

@@ -27,6 +27,7 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShard
 
 from . import indexing, ops, policy
 from .io.checkpoint import CheckpointInfo
+from .io.reader import read_boxes
 from .mapping import Box, Fill, map_object, map_shard
 from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
 
@@ -98,14 +99,14 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
                 return {}
             return super(GrowthLoadStrategy, self).load(request, checkpoint_dir, *args, **kwargs)
 
-        return execute(work, self.plan, read)
+        return execute(work, self.plan, read, lambda request: read_boxes(checkpoint_dir, request))
 
 
 def grow_state_dict(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, read: Reader,
                     optimizer_policy: str = "copy"):
     """`sharded_state_dict` (target shards) filled from the source that `read` reads: the hook's
     work without its collective agreement, for one process."""
-    return execute(prepare(plan, source_shapes, sharded_state_dict, optimizer_policy), plan, read)
+    return execute(prepare(plan, source_shapes, sharded_state_dict, optimizer_policy), plan, read, read)
 
 
 @dataclass
@@ -113,7 +114,8 @@ class Work:
     """A rank's growth, decided from metadata alone: what to read and how to fill."""
 
     sharded_state_dict: object
-    request: dict = field(default_factory=dict)  # name → what to read from the source
+    request: dict = field(default_factory=dict)  # name → tensor to read from the source
+    object_request: dict = field(default_factory=dict)  # name → object to read from the source
     fills: list[tuple[ShardedTensor, Fill]] = field(default_factory=list)
     boxes: list[Box] = field(default_factory=list)  # the box read under request name r{i}
     late: set[int] = field(default_factory=set)  # ids of noisy shards that hold their box
@@ -149,7 +151,7 @@ def prepare(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, optimizer
                                          sh.global_offset, sh.local_shape, sh.prepend_axis_num,
                                          optimizer_policy)))
     work.request.update({name: sh for name, sh in work.passthrough})
-    work.request.update({name: source for name, source in object_requests.values()})
+    work.object_request.update(object_requests.values())
     _plan_reads(work)
     logger.info("growth: %d target shards from %d source regions (%d passed through)",
                 len(work.fills), len(work.boxes), len(work.passthrough))
@@ -184,9 +186,12 @@ def _plan_reads(work: Work) -> None:
         work.request[f"r{i}"] = _box_request(box, into, dtypes[box])
 
 
-def execute(work: Work, plan: GrowthPlan, read: Reader):
-    """Read what `work` asks for and fill every target shard; returns the loaded state dict."""
+def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader):
+    """Read what `work` asks for and fill every target shard; returns the loaded state dict.
+    Objects are read apart, by `read_objects`: megatron-core's reader unpickles them with
+    `weights_only=False`, the hook reads them with `io.reader` (this rank alone: they are small)."""
     loaded = read(work.request)
+    loaded.update(read_objects(work.object_request) if work.object_request else {})
     buffers = {box: loaded[f"r{i}"] for i, box in enumerate(work.boxes)}
     units = list(_sigma_units(work.fills))
     sigmas = dict(zip(units, ops.parallel(lambda unit: ops.sigma(buffers[unit]), units)))

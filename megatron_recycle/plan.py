@@ -9,7 +9,6 @@ hook, the offline tools) derives from it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -18,6 +17,7 @@ from .errors import GrowthError
 DEPTH_METHODS = ("interposition", "stack")
 EXPERT_PLACEMENTS = ("append", "interleave")
 TOPK_POLICIES = ("scale", "keep")
+MAX_NOISE_ALPHA = 1.0  # beyond it a copy is more noise than expert
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,9 @@ class GrowthPlan:
             )
         if w.topk not in TOPK_POLICIES:
             raise GrowthError(f"--grow-topk must be one of {TOPK_POLICIES}, got {w.topk!r}")
-        if not (w.noise_alpha >= 0 and math.isfinite(w.noise_alpha)):
-            raise GrowthError(f"--grow-noise-alpha must be a finite number >= 0 (the paper uses "
-                              f"0.01), got {w.noise_alpha}")
+        if not 0 <= w.noise_alpha <= MAX_NOISE_ALPHA:  # also refuses nan
+            raise GrowthError(f"--grow-noise-alpha must be between 0 and {MAX_NOISE_ALPHA:g} (noise "
+                              f"std alpha x the source's std; the paper uses 0.01), got {w.noise_alpha}")
         if w.factor > 1 and not self.source.is_moe:
             raise GrowthError(
                 "--grow-experts needs a Mixture-of-Experts source, but the source checkpoint "

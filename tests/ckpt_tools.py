@@ -164,10 +164,13 @@ def scheduler(max_lr=3e-4, **overrides):
     return OptimizerParamScheduler(opt, **{**settings, **overrides})
 
 
-def resave(src_iteration, dst_root, alter_tensors=None, alter_common=None):
+def resave(src_iteration, dst_root, alter_tensors=None, alter_common=None, common_form=None,
+           extra_objects=None):
     """Copy a checkpoint iteration into a new root `dst_root`, tensors and common state passed
-    through `alter_*` first (each changes its dict in place): the same objects, the same
-    common-state form, the same tracker. For tests that a check catches an alteration."""
+    through `alter_*` first (each changes its dict in place): the same objects (plus
+    `extra_objects`, storage key → value), the same tracker, the common state in the source's
+    form or `common_form` ("file": common.pt, "object": megatron-core 0.19's). For tests that a
+    check catches an alteration, or refuses what it must not load."""
     import shutil
     from pathlib import Path
 
@@ -191,8 +194,9 @@ def resave(src_iteration, dst_root, alter_tensors=None, alter_common=None):
     for storage_key in info.objects:
         ref = ObjectRef.parse(storage_key)
         state[storage_key] = [read_object(src_iteration, ref.key, ref.global_shape, ref.offset)]
+    state.update({key: [value] for key, value in (extra_objects or {}).items()})
     dst = dst_root / src_iteration.name
-    legacy = (src_iteration / compat.COMMON_STATE_FILE).exists()
+    legacy = (src_iteration / compat.COMMON_STATE_FILE).exists() if common_form is None else common_form == "file"
     if not legacy:
         state[compat.common_state_storage_key()] = [common]
     save(state, checkpoint_id=str(dst), no_dist=True, planner=DefaultSavePlanner(flatten_state_dict=False))

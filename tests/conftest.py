@@ -34,3 +34,13 @@ def run_ranks(script: str, nproc: int, *args, timeout: int = 900, python: str = 
 @pytest.fixture(scope="session")
 def ranks():
     return run_ranks
+
+
+@pytest.fixture(scope="session")
+def offline_sources(tmp_path_factory):
+    """OUT/src (scenarios.SPEC at TP2, model-space optimizer state, iteration 5) and
+    OUT/src-mixed (a mixed dense/MoE stack, iteration 3), saved by megatron-core. Read only:
+    tests write their outputs beside them under new names."""
+    out = tmp_path_factory.mktemp("sources")
+    run_ranks("offline_roundtrip.py", 2, "source", out)
+    return out

@@ -24,9 +24,8 @@ def cli(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def grown(ranks, tmp_path_factory):
-    out = tmp_path_factory.mktemp("offline")
-    ranks("offline_roundtrip.py", 2, "source", out)
+def grown(offline_sources):
+    out = offline_sources
     before = ckpt_tools.tree_digest(out / "src")
     proc = cli("grow", "--load", out / "src", "--save", out / "dst", *GROW_FLAGS,
                "--workers", 2, "--batch-size-mb", 0.05)

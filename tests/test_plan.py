@@ -109,6 +109,9 @@ def test_matching_target_passes():
     (WidthGrowth(2, placement="random"), "--grow-expert-placement"),
     (WidthGrowth(2, topk="double"), "--grow-topk"),
     (WidthGrowth(2, noise_alpha=-1.0), "--grow-noise-alpha"),
+    (WidthGrowth(2, noise_alpha=float("inf")), "--grow-noise-alpha must be between 0 and 1"),
+    (WidthGrowth(2, noise_alpha=float("nan")), "--grow-noise-alpha"),
+    (WidthGrowth(2, noise_alpha=1e300), "--grow-noise-alpha"),
 ])
 def test_bad_width_options_name_the_flag(width, flag):
     with pytest.raises(GrowthError, match=flag):

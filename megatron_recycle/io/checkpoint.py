@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +24,7 @@ from ..plan import Architecture
 from ..policy import DP_RESHARDABLE_KEY
 from ..provenance import Provenance
 from .reader import SafeFileSystemReader, read_object
-from .safe_pickle import refusal
+from .safe_pickle import forbidden, refusal
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
@@ -50,9 +49,9 @@ def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
     else:
         try:
             common = torch.load(legacy, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{legacy}: {refusal(e)}") from None
         except Exception as e:  # truncated or garbled: whatever torch raised
+            if forbidden(e):
+                raise CheckpointError(f"{legacy}: {refusal(e)}") from None
             raise CheckpointError(f"{legacy}: cannot be read ({type(e).__name__}: "
                                   f"{_one_line(e)}); the checkpoint is corrupt") from None
     if not isinstance(common, dict):

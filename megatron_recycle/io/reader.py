@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import io
-import pickle
 import warnings
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from torch.distributed.checkpoint.planner_helpers import (
 
 from ..errors import CheckpointError, GrowthError
 from ..mapping import Box
-from .safe_pickle import load_metadata, refusal
+from .safe_pickle import forbidden, load_metadata, refusal
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -135,8 +134,9 @@ class _BoxPlanner(LoadPlanner):
             if isinstance(obj, io.BytesIO):  # saved through torch DCP's default planner, which
                 obj = torch.load(obj, weights_only=True)  # wraps bytes once more (as megatron-core reads it)
             self.objects[fqn] = obj
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{self.checkpoint_dir}: object {fqn!r}: {refusal(e)}") from None
+        except Exception as e:
+            what = refusal(e) if forbidden(e) else f"garbled ({type(e).__name__}: {e})"
+            raise CheckpointError(f"{self.checkpoint_dir}: object {fqn!r}: {what}") from None
 
     def resolve_tensor(self, read_item):
         view = self.targets[read_item.dest_index]
@@ -175,8 +175,8 @@ def read_boxes(checkpoint_dir, requests: dict) -> dict:
             raise
         except BaseException as e:  # torch DCP wraps failures in a BaseException
             cause = _cause(e)
-            if isinstance(cause, GrowthError):
-                raise cause from None
+            if isinstance(cause, GrowthError) or not isinstance(cause, Exception):
+                raise cause from None  # ours, or Ctrl-C / SIGTERM while reading
             raise CheckpointError(f"{checkpoint_dir}: reading its tensors failed "
                                   f"({_first_line(cause)}); the checkpoint is corrupt or "
                                   "unreadable") from None

@@ -36,6 +36,10 @@ _ALLOWED = {
 }
 
 
+class _Forbidden(pickle.UnpicklingError):
+    """A global a checkpoint's metadata never names."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
@@ -49,7 +53,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             if (isinstance(value, type) and value.__module__ == module
                     and (dataclasses.is_dataclass(value) or issubclass(value, enum.Enum))):
                 return value
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        raise _Forbidden(f"it names {module}.{name}, which is not part of a checkpoint's metadata")
 
 
 def load_metadata(path: Path):
@@ -63,10 +67,18 @@ def load_metadata(path: Path):
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: {refusal(e)}") from None
+        if forbidden(e):
+            raise CheckpointError(f"{path}: {refusal(e)}") from None
+        raise CheckpointError(f"{path}: garbled or truncated ({e}); the checkpoint is corrupt: "
+                              "point at another iteration") from None
     except Exception as e:  # truncated or garbled pickle: EOFError, ValueError, …
         raise CheckpointError(f"{path}: garbled or truncated ({type(e).__name__}: {e}); the "
                               "checkpoint is corrupt: point at another iteration") from None
+
+
+def forbidden(e: Exception) -> bool:
+    """Whether an unpickling error is a refusal (a global not allowed), not damaged data."""
+    return isinstance(e, _Forbidden) or bool(re.search(r"Unsupported global|GLOBAL ", str(e)))
 
 
 def refusal(e: Exception) -> str:
