@@ -1,8 +1,10 @@
 """The stock Megatron-LM `pretrain_gpt.py` through the launcher, on CPU/gloo with mock data:
 a base run, a grown run in another layout (EP2), and the same grown command requeued.
 
-Needs a Megatron-LM checkout named by MEGATRON_LM_PATH (CI cannot fetch it), its Python deps
-(six, regex, yaml, pydantic) and pybind11 for its dataset helpers; skipped otherwise.
+Needs a Megatron-LM checkout named by MEGATRON_LM_PATH (CI cannot fetch it; measured with
+core_v0.16.1, core_v0.19.0 and main d98e8a64dd), its Python deps (six, regex, yaml, pydantic,
+triton), pybind11 for its dataset helpers, and Python >= 3.12 for checkouts from core_v0.18 on
+(their training code imports `typing.override`); skipped otherwise, saying which.
 """
 
 import importlib.util
@@ -21,10 +23,24 @@ from megatron_recycle.io.checkpoint import CheckpointInfo
 from megatron_recycle.plan import GrowthPlan
 
 MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
-MISSING = [m for m in ("six", "regex", "yaml", "pydantic", "pybind11") if importlib.util.find_spec(m) is None]
+MISSING = [m for m in ("six", "regex", "yaml", "pydantic", "triton", "pybind11")
+           if importlib.util.find_spec(m) is None]
+
+
+def _needs_python_312() -> bool:
+    """Megatron-LM from core_v0.18 on imports typing.override (Python 3.12) in its training code."""
+    if sys.version_info >= (3, 12) or not MEGATRON_LM:
+        return False
+    config = Path(MEGATRON_LM) / "megatron" / "training"
+    return any("override" in line and "from typing import" in line
+               for f in config.rglob("*.py") for line in f.read_text(errors="ignore").splitlines())
+
+
 pytestmark = [
     pytest.mark.skipif(not MEGATRON_LM, reason="MEGATRON_LM_PATH (a Megatron-LM checkout) is not set"),
-    pytest.mark.skipif(bool(MISSING), reason=f"Megatron-LM needs {MISSING}"),
+    pytest.mark.skipif(bool(MISSING), reason=f"Megatron-LM needs the Python packages {MISSING}"),
+    pytest.mark.skipif(_needs_python_312(), reason=f"this Megatron-LM checkout needs Python >= 3.12 "
+                                                   f"(typing.override); running {sys.version.split()[0]}"),
 ]
 EXT = sysconfig.get_config_var("EXT_SUFFIX")
 TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 "
