@@ -1,12 +1,14 @@
 """Offline `megatron-recycle grow` vs copying a checkpoint directory of the output's size.
 
-    python benchmarks/offline_grow.py [--sizes-gb 0.5 1 2] [--repeats 3] [--workers 1 2]
+    python benchmarks/offline_grow.py [--sizes-gb 0.5 1 2] [--repeats 3] [--workers 1 2] [--ranks 2 4]
 
 Same disk, same run, medians over interleaved repeats (page cache warm for both: the source
 and the copied directory were just written). Both are durable: grow fsyncs what it writes (as
 Megatron's own save does), so the copy is `cp -r` followed by `sync` of the copied files.
-Grow is timed at alpha 0.01 and at alpha 0 (what the noise itself costs). Prints a table,
-writes JSON (default benchmarks/results/offline_grow.json), and the peak RSS of grow.
+Grow is timed with 1 process per `--workers`, as a torch.distributed job of each `--ranks`
+(torchrun on this machine, 1 worker per rank), and at alpha 0 (what the noise itself costs).
+Prints a table, writes JSON (default benchmarks/results/offline_grow.json), and the peak RSS
+of grow (for a distributed job: of its largest process, one rank).
 """
 
 from __future__ import annotations
@@ -36,22 +38,32 @@ def timed(cmd) -> tuple[float, int]:
     return time.perf_counter() - start, int(proc.stderr.strip().splitlines()[-1]) * 1024
 
 
-def measure(gb: float, repeats: int, workers: list[int], workdir: Path) -> dict:
+def variants(workers: list[int], ranks: list[int]) -> dict[str, tuple[list[str], int, str]]:
+    """name → (launcher command, workers per rank, alpha)."""
+    one = [sys.executable, "-m", "megatron_recycle.cli"]
+    out = {f"grow_w{w}": (one, w, "0.01") for w in workers}
+    for r in ranks:
+        out[f"grow_r{r}"] = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={r}", "-m", "megatron_recycle.cli"], 1, "0.01")
+    out[f"grow_w{workers[0]}_alpha0"] = (one, workers[0], "0")
+    return out
+
+
+def measure(gb: float, repeats: int, workers: list[int], ranks: list[int], workdir: Path) -> dict:
     work = Path(tempfile.mkdtemp(dir=workdir))
     try:
         launch(2, "--phase", "source", "--gb", gb, "--work", work)
         source = source_dir(work)
-        variants = {f"grow_w{w}": (w, "0.01") for w in workers}
-        variants[f"grow_w{workers[0]}_alpha0"] = (workers[0], "0")
-        times = {name: [] for name in variants} | {"copy": []}
+        runs = variants(workers, ranks)
+        times = {name: [] for name in runs} | {"copy": []}
         rss = {}
         for _ in range(repeats):
-            for name, (w, alpha) in variants.items():
+            for name, (launcher, w, alpha) in runs.items():
                 dest = work / name
-                seconds, peak = timed([sys.executable, "-m", "megatron_recycle.cli", "grow",
-                                       "--load", str(source), "--save", str(dest), "--grow-depth",
-                                       "2", "--grow-experts", "2", "--grow-noise-alpha", alpha,
-                                       "--workers", str(w), "--batch-size-mb", "256", "--overwrite"])
+                seconds, peak = timed([*launcher, "grow", "--load", str(source), "--save", str(dest),
+                                       "--grow-depth", "2", "--grow-experts", "2", "--grow-noise-alpha",
+                                       alpha, "--workers", str(w), "--batch-size-mb", "256",
+                                       "--overwrite"])
                 times[name].append(seconds)
                 rss[name] = max(rss.get(name, 0), peak)
             grown = work / f"grow_w{workers[0]}"
@@ -80,6 +92,8 @@ def main():
     p.add_argument("--sizes-gb", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--ranks", type=int, nargs="*", default=[2, 4],
+                   help="torch.distributed ranks (torchrun on this machine)")
     p.add_argument("--workdir", default=tempfile.gettempdir())
     p.add_argument("--out", default=str(HERE / "results" / "offline_grow.json"))
     args = p.parse_args()
@@ -87,8 +101,8 @@ def main():
     for gb in args.sizes_gb:
         print(f"source ≈ {gb} GB (grown ≈ {grown_shape(shape_for(gb)).total_bytes() / 2**30:.1f} GB) …",
               flush=True)
-        rows.append(measure(gb, args.repeats, args.workers, Path(args.workdir)))
-    names = [f"grow_w{w}" for w in args.workers] + [f"grow_w{args.workers[0]}_alpha0"]
+        rows.append(measure(gb, args.repeats, args.workers, args.ranks, Path(args.workdir)))
+    names = list(variants(args.workers, args.ranks))
     cols = ["source_gb", "grown_gb", "copy_s"] + [c for n in names for c in
                                                   (f"{n}_s", f"{n}_over_copy", f"{n}_peak_rss_gb")]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

@@ -84,7 +84,7 @@ def patch_torch_norm_sequence_parallel() -> bool:
         without_sp.sequence_parallel = False
         norm = build(cls, without_sp, *args, **kwargs)
         for param in norm.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            param.sequence_parallel = config.sequence_parallel
         return norm
 
     # Patched in place: the specs hold the class itself (`LNImpl = WrappedTorchNorm`).

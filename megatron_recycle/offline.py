@@ -32,7 +32,7 @@ from .cost import human
 from .distributed import Job
 from .errors import GrowthError
 from .io.checkpoint import TRACKER_FILE, CheckpointInfo
-from .io.destination import Destination
+from .io.destination import Destination, tree_bytes
 from .manifest import Batch, batches, keeps_optimizer, target_objects, target_pieces
 from .plan import DepthGrowth, GrowthPlan, WidthGrowth
 from .provenance import KEY as PROVENANCE_KEY
@@ -196,9 +196,10 @@ def grow(
         if stale and remove_stale_staging:
             destination.remove_stale_staging(lambda s: log(f"grow: {s}"))
         elif stale:
+            size = human(sum(tree_bytes(p) for p in stale), "B")
             log(f"grow: note: {len(stale)} staging director{'y' if len(stale) == 1 else 'ies'} of "
-                f"interrupted runs beside {destination.given} ({', '.join(p.name for p in stale)}); "
-                "remove them with --remove-stale-staging")
+                f"interrupted runs beside {destination.given} ({', '.join(p.name for p in stale)}; "
+                f"{size}); remove them with --remove-stale-staging")
         destination.check_space(total)
         (destination.staging / info.path.name).mkdir()
         return destination.staging

@@ -20,7 +20,6 @@ import torch
 import ckpt_tools
 from conftest import REPO, TESTS, _free_port
 from megatron_recycle.io.checkpoint import CheckpointInfo
-from megatron_recycle.plan import GrowthPlan
 
 MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
 MISSING = [m for m in ("six", "regex", "yaml", "pydantic", "triton", "pybind11")

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..cost import human
 from ..errors import CheckpointError, GrowthError
 from .checkpoint import is_checkpoint_root
 from .writer import fsync
@@ -95,8 +96,8 @@ class Destination:
         free = shutil.disk_usage(self.parent).free
         if free < nbytes + _MARGIN_BYTES:
             raise CheckpointError(
-                f"{self.flag} {self.given}: the grown checkpoint needs {_gib(nbytes)} but "
-                f"{self.parent} has {_gib(free)} free; free space or pick another file system")
+                f"{self.flag} {self.given}: the grown checkpoint needs {human(nbytes, 'B')} but "
+                f"{self.parent} has {human(free, 'B')} free; free space or pick another file system")
 
     def stale_staging(self) -> list[Path]:
         """Staging directories of earlier runs into this destination (ours: marked; not live:
@@ -107,9 +108,9 @@ class Destination:
 
     def remove_stale_staging(self, log: Callable[[str], None]) -> None:
         for path in self.stale_staging():
-            size = _tree_bytes(path)
+            size = tree_bytes(path)
             shutil.rmtree(path)
-            log(f"removed {path} ({_gib(size)}), left by an interrupted run")
+            log(f"removed {path} ({human(size, 'B')}), left by an interrupted run")
 
     # --- making it the destination --------------------------------------------------------------
     def commit(self) -> None:
@@ -212,9 +213,7 @@ def _umask() -> int:
     return 0o022
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import compat
+from ..errors import CheckpointError
 from ..manifest import ObjectRef, Piece
 
 
@@ -25,7 +26,7 @@ def write_batch(out_dir: Path, number: int, pieces: Sequence[Piece], objects: Se
                 values: dict) -> list:
     """Write `pieces` (values[f"t{i}"]) and `objects` (values[f"o{i}"]) into batch file
     `number`; returns torch DCP's write results, which `finish` needs."""
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.metadata import MetadataIndex
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     items, data = [], {}
@@ -49,8 +50,13 @@ def _write(out_dir: Path, number: int, items: list, data: dict) -> list:
 
     writer = FileSystemWriter(out_dir, single_file_per_rank=True, sync_files=False, thread_count=1)
     plan = SavePlan(items, storage_data=_StoragePrefix(f"__{number}_"))
-    with _without_zip_checksums():
-        return writer.write_data(plan, _Resolver(data)).wait()
+    try:
+        with _without_zip_checksums():
+            return writer.write_data(plan, _Resolver(data)).wait()
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise CheckpointError(f"writing {out_dir} failed ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}); is its file system full or "
+                              "read-only?") from None
 
 
 def finish(out_dir: Path, pieces: Sequence[Piece], objects: Sequence[ObjectRef], results: list,
