@@ -127,6 +127,8 @@ def plan_report(source, depth: DepthGrowth, width: WidthGrowth, layout: Layout, 
         "topk": [plan.source.topk, plan.target_topk],
         "layer_map": list(plan.layer_map),
         "expert_map": [list(x) for x in plan.expert_map()],
+        "hybrid_pattern": None if not plan.source.is_hybrid else [
+            plan.source.hybrid_pattern, plan.target_hybrid_pattern(layout.pp)],
         "notes": plan.exactness_notes(),
     }
 
@@ -157,6 +159,8 @@ def table(report: dict) -> str:
              f"target layout: TP{lay['tp']} EP{lay['ep']} PP{lay['pp']} DP{lay['dp']}",
              f"{'':{width}}  {'before':>12}  {'after':>12}"]
     lines += [f"{name:{width}}  {str(x):>12}  {str(y):>12}" for name, x, y in rows]
+    if report["hybrid_pattern"]:
+        lines.append("hybrid layer pattern: {} -> {}".format(*report["hybrid_pattern"]))
     lines.append("layer map (target <- source): " + " ".join(
         f"{t}<-{s}" for t, s in enumerate(report["layer_map"])))
     if report["expert_map"]:

@@ -30,10 +30,21 @@ _DECODER_INDEXED = re.compile(r"^(decoder\.layers\.)(\d+)\.")
 _MTP_INDEXED = re.compile(r"^mtp\.layers\.(\d+)\.")
 _EXPERT_INDEXED = re.compile(r"(\.experts\.)(\d+)\.")
 _ROUTER_ROWS = (".router.weight", ".router.expert_bias", ".router.bias")
-# Output projections of a layer: zeroing them in a layer copy makes the copy an identity.
+# Output projections of a layer: zeroing them in a layer copy makes the copy an identity
+# (attention, GDN and Mamba mixers; dense, routed and shared-expert MLPs).
 _OUTPUT_PROJECTIONS = re.compile(
-    r"\.(self_attention\.linear_proj|mlp\.linear_fc2|mlp\.experts\..*linear_fc2|"
-    r"mlp\.shared_experts\.linear_fc2)\.(weight|bias)(_[wv])?$"
+    r"\.(self_attention\.linear_proj|self_attention\.out_proj|mixer\.out_proj|mlp\.linear_fc2|"
+    r"mlp\.experts\..*linear_fc2|mlp\.shared_experts\.linear_fc2)\.(weight|bias)(_[wv])?$"
+)
+# What a HybridModel layer holds, by the keys under `decoder.layers.{i}.` (first match wins).
+_HYBRID_LAYER_KEYS = (
+    ("E", ".mlp.router."),
+    ("-", ".mlp.linear_fc1."),
+    ("M", ".mixer."),
+    ("G", ".self_attention.in_proj."),
+    ("D", ".self_attention.core_attention.indexer."),
+    ("+", ".self_attention.linear_kv_down_proj."),
+    ("*", ".self_attention.linear_qkv."),
 )
 # Parameters whose optimizer "param" entry is the fp32 master copy of the weight.
 MASTER_PARAM_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")
@@ -156,6 +167,27 @@ def expert_count(shapes: dict[str, tuple[int, ...]]) -> Optional[int]:
         if k.startswith("decoder.") and k.endswith(".router.weight"):
             return s[-2]
     return None
+
+
+def hybrid_symbols(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
+    """The HybridModel pattern its keys spell (one symbol per `decoder.layers.{i}`), or None
+    when a layer holds both a sequence mixer and an MLP (a GPT layer) or is not recognised."""
+    layers: dict[int, set[str]] = {}
+    for key in shapes:
+        m = _DECODER_INDEXED.match(key)
+        if m:
+            rest = key[m.end() - 1:]
+            found = next((sym for sym, part in _HYBRID_LAYER_KEYS if part in rest), None)
+            layers.setdefault(int(m.group(2)), set()).add(found)
+    if not layers or sorted(layers) != list(range(len(layers))):
+        return None
+    symbols = []
+    for i in range(len(layers)):
+        kinds = layers[i] - {None}
+        if len(kinds) != 1:  # nothing recognised, or a mixer and an MLP in one layer: not hybrid
+            return None
+        symbols.append(kinds.pop())
+    return "".join(symbols)
 
 
 def moe_layer_pattern(shapes: dict[str, tuple[int, ...]], num_layers: int) -> Optional[tuple[bool, ...]]:

@@ -36,7 +36,8 @@ def summarize(path, step=None) -> dict:
     model = info.model_shapes()
     args = info.args
     counts = cost.count_params(model, arch.topk, arch.num_experts)
-    pattern = "".join("M" if m else "D" for m in (arch.moe_layers or [arch.is_moe] * arch.num_layers))
+    pattern = arch.hybrid_pattern or "".join(
+        "M" if m else "D" for m in (arch.moe_layers or [arch.is_moe] * arch.num_layers))
     embedding = model.get("embedding.word_embeddings.weight")
     provenance = info.provenance
     return {
@@ -62,7 +63,8 @@ def table(s: dict) -> str:
     rows = [
         ("checkpoint", s["path"]),
         ("iteration", s["iteration"]),
-        ("layers", f"{a['num_layers']} ({s['layer_pattern']}; M = MoE, D = dense)"),
+        ("layers", f"{a['num_layers']} ({s['layer_pattern']}; " + (
+            "HybridModel pattern)" if a["hybrid_pattern"] else "M = MoE, D = dense)")),
         ("experts / top-k", f"{a['num_experts']} / {a['topk']}" if a["num_experts"] else "dense"),
         ("router", f"{a['score_function']}" + (", pre-softmax" if a["pre_softmax"] else "")
          + (f", {a['router_num_groups']} groups top-{a['router_group_topk']}" if a["router_num_groups"] else "")),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__, policy
+from . import __version__, hybrid, policy
 from .cost import human
 from .distributed import Job
 from .errors import GrowthError
@@ -128,9 +128,13 @@ def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, o
         if target.is_moe:
             args.num_experts = target.num_experts
             args.moe_router_topk = target.topk
-        freq = target.moe_layer_freq()
-        if freq is not None:
-            args.moe_layer_freq = freq
+        if target.is_hybrid:  # as many pipeline segments as the source's pattern had
+            for name in ("hybrid_layer_pattern", "hybrid_override_pattern"):
+                if getattr(args, name, None):
+                    segments = getattr(args, name).partition(hybrid.MTP)[0].count(hybrid.PIPE) + 1
+                    setattr(args, name, plan.target_hybrid_pattern(segments))
+        elif target.moe_layer_freq() is not None:
+            args.moe_layer_freq = target.moe_layer_freq()
         common["args"] = args
     if not keep_optimizer:
         common.pop("optimizer", None)

@@ -23,6 +23,10 @@ def _layer_map(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _blocks(text: str) -> tuple[str, ...]:
+    return tuple(b for b in text.replace(" ", "").split(",") if b)
+
+
 def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `--grow-*` options to `parser` (in their own argument group)."""
     g = parser.add_argument_group("growth", "grow the loaded checkpoint: more layers, more experts")
@@ -37,6 +41,10 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="keep the first N source layers once, uncopied (default: %(default)s)")
     g.add_argument("--grow-skip-last", type=int, default=_DEPTH.skip_last, metavar="N",
                    help="keep the last N source layers once, uncopied (default: %(default)s)")
+    g.add_argument("--grow-hybrid-blocks", type=_blocks, default=None, metavar="B0,B1,...",
+                   help="HybridModel: the blocks of the source pattern copied as a whole, e.g. "
+                        "M*E,M*E (default: each mixer with its MLPs, e.g. M,*E,M,*E); "
+                        "--grow-layer-map and --grow-skip-* then count blocks")
     g.add_argument("--grow-zero-init-copies", action="store_true",
                    help="zero the output projections of copied layers, so the grown model "
                         "computes exactly what the source did")
@@ -80,6 +88,7 @@ def growth_from_args(args: argparse.Namespace) -> tuple[DepthGrowth, WidthGrowth
         skip_first=args.grow_skip_first,
         skip_last=args.grow_skip_last,
         zero_copy_outputs=args.grow_zero_init_copies,
+        hybrid_blocks=args.grow_hybrid_blocks,
     )
     width = WidthGrowth(
         factor=args.grow_experts,

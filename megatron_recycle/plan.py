@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from . import hybrid
 from .errors import GrowthError
 
 DEPTH_METHODS = ("interposition", "stack")
@@ -30,10 +31,15 @@ class DepthGrowth:
     skip_first: int = 0  # source layers at the start kept once, never copied
     skip_last: int = 0
     zero_copy_outputs: bool = False  # zero copies' output projections: exact identity
+    # HybridModel: the blocks of the source pattern that are copied as a whole (None: each
+    # mixer with its MLPs). There, layer_map and skip_* count blocks, not layers.
+    hybrid_blocks: Optional[tuple[str, ...]] = None
 
     def __post_init__(self):
-        if self.layer_map is not None and not isinstance(self.layer_map, tuple):
-            object.__setattr__(self, "layer_map", tuple(self.layer_map))
+        for name in ("layer_map", "hybrid_blocks"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class Architecture:
     router_group_topk: Optional[int] = None
     score_function: str = "softmax"
     pre_softmax: bool = False
+    # HybridModel: one symbol per decoder layer, without '|' (see hybrid.py), then the MTP part
+    hybrid_pattern: Optional[str] = None
 
     def __post_init__(self):
         if self.moe_layers is not None and not isinstance(self.moe_layers, tuple):
@@ -69,6 +77,10 @@ class Architecture:
     def is_moe(self) -> bool:
         return bool(self.num_experts)
 
+    @property
+    def is_hybrid(self) -> bool:
+        return self.hybrid_pattern is not None
+
     def moe_layer_freq(self) -> Optional[list[int]]:
         """Megatron's `--moe-layer-freq` list form, or None when every layer is MoE."""
         if self.moe_layers is None or all(self.moe_layers):
@@ -76,19 +88,29 @@ class Architecture:
         return [int(x) for x in self.moe_layers]
 
 
-def depth_layer_map(num_layers: int, depth: DepthGrowth) -> tuple[int, ...]:
-    """Target layer index → source layer index (both 0-based)."""
+def depth_layer_map(num_layers: int, depth: DepthGrowth, unit_sizes: Optional[Sequence[int]] = None,
+                    ) -> tuple[int, ...]:
+    """Target layer index → source layer index (both 0-based). Growth copies units of
+    `unit_sizes` consecutive layers (default: single layers; HybridModel: pattern blocks)."""
+    sizes = list(unit_sizes) if unit_sizes is not None else [1] * num_layers
+    starts = [sum(sizes[:u]) for u in range(len(sizes))]
+    unit_map = _unit_map(len(sizes), depth, "layer" if unit_sizes is None else "block")
+    return tuple(starts[u] + i for u in unit_map for i in range(sizes[u]))
+
+
+def _unit_map(num_layers: int, depth: DepthGrowth, unit: str) -> tuple[int, ...]:
+    """Target unit → source unit (a layer, or a block of a hybrid pattern)."""
     if depth.layer_map is not None:
         bad = [s for s in depth.layer_map if not 0 <= s < num_layers]
         if bad:
             raise GrowthError(
-                f"--grow-layer-map names source layer(s) {bad}, but the source has "
-                f"{num_layers} layers (0-based indices 0..{num_layers - 1})"
+                f"--grow-layer-map names source {unit}(s) {bad}, but the source has "
+                f"{num_layers} {unit}s (0-based indices 0..{num_layers - 1})"
             )
         missing = sorted(set(range(num_layers)) - set(depth.layer_map))
         if missing:
             raise GrowthError(
-                f"--grow-layer-map leaves source layer(s) {missing} out; every source layer "
+                f"--grow-layer-map leaves source {unit}(s) {missing} out; every source {unit} "
                 "must appear at least once (dropping layers is pruning, not growth)"
             )
         return depth.layer_map
@@ -99,7 +121,7 @@ def depth_layer_map(num_layers: int, depth: DepthGrowth) -> tuple[int, ...]:
     if depth.skip_first < 0 or depth.skip_last < 0 or depth.skip_first + depth.skip_last > num_layers:
         raise GrowthError(
             f"--grow-skip-first {depth.skip_first} and --grow-skip-last {depth.skip_last} must be "
-            f">= 0 and leave layers to copy out of {num_layers}"
+            f">= 0 and leave {unit}s to copy out of {num_layers}"
         )
     head = list(range(depth.skip_first))
     body = list(range(depth.skip_first, num_layers - depth.skip_last))
@@ -147,7 +169,13 @@ class GrowthPlan:
             )
         self._check_groups()
         # Derived maps, computed once (the plan is immutable).
-        layer_map = depth_layer_map(self.source.num_layers, self.depth)
+        units = None
+        if self.source.is_hybrid:
+            units = hybrid.block_sizes(hybrid.split(self.source.hybrid_pattern)[0], self.depth.hybrid_blocks)
+        elif self.depth.hybrid_blocks:
+            raise GrowthError(f"{hybrid.BLOCKS_FLAG} applies to HybridModel checkpoints only; the "
+                              "source is a GPT model")
+        layer_map = depth_layer_map(self.source.num_layers, self.depth, units)
         object.__setattr__(self, "layer_map", layer_map)
         object.__setattr__(self, "layer_copy", copy_indices(layer_map))
 
@@ -217,13 +245,37 @@ class GrowthPlan:
         moe_layers = self.source.moe_layers
         if moe_layers is not None:
             moe_layers = tuple(moe_layers[s] for s in self.layer_map)
+        pattern = self.source.hybrid_pattern
+        if pattern is not None:
+            main, mtp = hybrid.split(pattern)
+            pattern = "".join(main[s] for s in self.layer_map) + mtp
         return dataclasses.replace(
             self.source,
             num_layers=self.target_num_layers,
             num_experts=self.target_num_experts,
             topk=self.target_topk,
             moe_layers=moe_layers,
+            hybrid_pattern=pattern,
         )
+
+    def target_blocks(self) -> list[str]:
+        """The target pattern's blocks (HybridModel): each source block's copies, in order."""
+        main = hybrid.split(self.source.hybrid_pattern)[0]
+        target = hybrid.split(self.target.hybrid_pattern)[0]
+        sizes = hybrid.block_sizes(main, self.depth.hybrid_blocks)
+        starts = {sum(sizes[:b]): size for b, size in enumerate(sizes)}
+        blocks, at = [], 0
+        while at < len(target):
+            size = starts[self.layer_map[at]]
+            blocks.append(target[at:at + size])
+            at += size
+        return blocks
+
+    def target_hybrid_pattern(self, pipeline_segments: int = 1,
+                              flag: str = "--pipeline-model-parallel-size") -> str:
+        """The grown `--hybrid-layer-pattern`, cut into `pipeline_segments` segments (`|`)."""
+        main, mtp = hybrid.split(self.target.hybrid_pattern)
+        return hybrid.segmented(main, self.target_blocks(), pipeline_segments, flag) + mtp
 
     @property
     def is_identity(self) -> bool:
@@ -286,6 +338,9 @@ class GrowthPlan:
                 f"{want_experts} experts after growth ({self.source.num_experts} x "
                 f"{self.width.factor}); pick a divisor of {want_experts}"
             )
+        if self.source.is_hybrid:  # stages are the pattern's `|` segments, cut at block boundaries
+            self.target_hybrid_pattern(pipeline_parallel)
+            return
         inner = want_layers - (num_layers_in_first_stage or 0) - (num_layers_in_last_stage or 0)
         inner_stages = (
             pipeline_parallel

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import indexing, manifest, ops, policy
+from . import hybrid, indexing, manifest, ops, policy
 from .errors import GrowthError
 from .io.checkpoint import CheckpointInfo
 from .mapping import Box
@@ -178,7 +178,11 @@ def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, re
             if getattr(args, name, None) != value:
                 report.mismatches.append(f"common state: args.{name} is {getattr(args, name, None)}, "
                                          f"the grown model has {value}")
-        freq = target.moe_layer_freq()
+        pattern = getattr(args, "hybrid_layer_pattern", None) or getattr(args, "hybrid_override_pattern", None)
+        if target.is_hybrid and pattern and "".join(hybrid.split(pattern)) != target.hybrid_pattern:
+            report.mismatches.append(f"common state: args.hybrid_layer_pattern is {pattern!r}, the "
+                                     f"grown model has {target.hybrid_pattern!r}")
+        freq = None if target.is_hybrid else target.moe_layer_freq()
         if freq is not None and list(getattr(args, "moe_layer_freq", None) or []) != freq:
             report.mismatches.append(f"common state: args.moe_layer_freq is "
                                      f"{getattr(args, 'moe_layer_freq', None)}, the grown model has {freq}")

@@ -49,3 +49,13 @@ CHANGING_CASES = {
     "noise_alpha_0.01": _case(toy.ToySpec(), width=WidthGrowth(2, noise_alpha=0.01)),
     "depth_copies_not_zeroed": _case(toy.ToySpec(), DepthGrowth(2), WidthGrowth()),
 }
+
+# hybrid_growth (megatron-core 0.19+ HybridModel): patterns with and without Mamba, a dense
+# MLP layer and MTP; depth x2 by blocks (a mixer with its MLPs), experts x2.
+HYBRID_SPECS = {
+    "attention_moe": toy.ToySpec(hybrid_pattern="*E*E", experts=4, topk=2),
+    "mamba": toy.ToySpec(hybrid_pattern="M*EM*E", experts=4, topk=2),
+    "dense_and_mtp": toy.ToySpec(hybrid_pattern="*-*E/*E", experts=4, topk=2),
+}
+HYBRID_NOISY = WidthGrowth(2, noise_alpha=0.01, seed=7)
+HYBRID_TARGETS = {"ep2": toy.Layout(ep=2), "pp2": toy.Layout(pp=2)}

@@ -21,6 +21,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                  "--expert-model-parallel-size"):
         p.add_argument(flag, type=int, default=1)
+    p.add_argument("--hybrid-layer-pattern", default=None)
     p.add_argument("--load")
     p.add_argument("--save")
     p.add_argument("--ckpt-format", default="torch_dist")

@@ -133,3 +133,53 @@ def test_exactness_notes_explain_what_changes_the_output():
     assert GrowthPlan(MOE, DepthGrowth(2, zero_copy_outputs=True), WidthGrowth(2, noise_alpha=0)).exactness_notes() == []
     notes = GrowthPlan(MOE, DepthGrowth(2), WidthGrowth(2)).exactness_notes()
     assert any("noise" in n for n in notes) and any("zero-init" in n for n in notes)
+
+
+# --- HybridModel patterns: blocks of symbols are copied ---------------------------------------
+HYBRID = Architecture(num_layers=6, num_experts=4, topk=2, hybrid_pattern="M*EM*E/*E",
+                      moe_layers=(False, False, True, False, False, True))
+
+
+@pytest.mark.parametrize("pattern, blocks", [
+    ("*E*E", ["*E", "*E"]),
+    ("M*EM*E", ["M", "*E", "M", "*E"]),
+    ("M-M-M*-", ["M-", "M-", "M", "*-"]),
+    ("-*E", ["-", "*E"]),
+    ("*EE*", ["*EE", "*"]),
+])
+def test_default_blocks_are_a_mixer_with_its_mlps(pattern, blocks):
+    from megatron_recycle import hybrid
+
+    assert hybrid.default_blocks(pattern) == blocks
+
+
+def test_hybrid_depth_growth_copies_blocks_and_keeps_the_mtp_pattern():
+    plan = GrowthPlan(HYBRID, DepthGrowth(2), WidthGrowth(2))
+    assert plan.target.hybrid_pattern == "MM*E*EMM*E*E/*E"
+    assert plan.layer_map == (0, 0, 1, 2, 1, 2, 3, 3, 4, 5, 4, 5)
+    assert plan.layer_copy == (0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 1, 1)
+    assert plan.target.moe_layers == tuple(c == "E" for c in "MM*E*EMM*E*E")
+    stacked = GrowthPlan(HYBRID, DepthGrowth(2, method="stack", skip_first=1))
+    assert stacked.target.hybrid_pattern == "M*EM*E*EM*E/*E"  # block 0 kept once
+    mapped = GrowthPlan(HYBRID, DepthGrowth(layer_map=(0, 1, 1, 2, 3)))  # block indices
+    assert mapped.target.hybrid_pattern == "M*E*EM*E/*E"
+
+
+def test_an_explicit_block_map_groups_otherwise_but_never_splits_a_mixer_from_its_mlp():
+    plan = GrowthPlan(HYBRID, DepthGrowth(2, hybrid_blocks=("M*E", "M*E")))
+    assert plan.target.hybrid_pattern == "M*EM*EM*EM*E/*E"
+    with pytest.raises(GrowthError, match="--grow-hybrid-blocks 'M\\*,EM\\*E' splits the mixer"):
+        GrowthPlan(HYBRID, DepthGrowth(2, hybrid_blocks=("M*", "EM*E")))
+    with pytest.raises(GrowthError, match="does not spell the source pattern"):
+        GrowthPlan(HYBRID, DepthGrowth(2, hybrid_blocks=("M*E",)))
+    with pytest.raises(GrowthError, match="HybridModel checkpoints only"):
+        GrowthPlan(MOE, DepthGrowth(2, hybrid_blocks=("*E",)))
+
+
+def test_the_target_pattern_is_cut_into_pipeline_segments_at_block_boundaries():
+    plan = GrowthPlan(HYBRID, DepthGrowth(2))
+    assert plan.target_hybrid_pattern(2) == "MM*E*E|MM*E*E/*E"
+    assert plan.target_hybrid_pattern(4) == "MM|*E*E|MM|*E*E/*E"  # 2,4,2,4 layers: as even as blocks allow
+    plan.check_target(pipeline_parallel=4)
+    with pytest.raises(GrowthError, match="--pipeline-model-parallel-size: 8 blocks .* 9 pipeline"):
+        plan.check_target(pipeline_parallel=9)

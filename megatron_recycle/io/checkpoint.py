@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from .. import compat, indexing
+from .. import compat, hybrid, indexing
 from ..errors import CheckpointError, GrowthError
 from ..plan import Architecture
 from ..policy import DP_RESHARDABLE_KEY
@@ -199,7 +199,7 @@ class CheckpointInfo:
         shapes = self.model_shapes()
         num_layers = indexing.decoder_layer_count(shapes)
         if num_layers is None:
-            raise GrowthError(f"{self.path}: no decoder.layers.* tensors; not a GPT checkpoint")
+            raise GrowthError(f"{self.path}: no decoder.layers.* tensors; not a GPT or hybrid checkpoint")
         experts = indexing.expert_count(shapes)
         args = self.args
 
@@ -211,6 +211,7 @@ class CheckpointInfo:
                 raise CheckpointError(
                     f"{self.path}: the common state's args say {name}={get(name)} but the tensors "
                     f"hold {held}; the checkpoint is inconsistent")
+        pattern = self._hybrid_pattern(shapes, get("hybrid_layer_pattern") or get("hybrid_override_pattern"))
         moe_layers = indexing.moe_layer_pattern(shapes, num_layers)
         return Architecture(
             num_layers=num_layers,
@@ -222,4 +223,24 @@ class CheckpointInfo:
             router_group_topk=get("moe_router_group_topk"),
             score_function=get("moe_router_score_function", "softmax") or "softmax",
             pre_softmax=bool(get("moe_router_pre_softmax", False)),
+            hybrid_pattern=pattern,
         )
+
+    def _hybrid_pattern(self, shapes, recorded: Optional[str]) -> Optional[str]:
+        """A HybridModel's pattern (no `|`), from its args, checked against what its keys spell;
+        or spelled from the keys where the args do not record it. None for a GPT model."""
+        spelled = indexing.hybrid_symbols(shapes)
+        if recorded:
+            main, mtp = hybrid.split(recorded)
+            if spelled is not None and spelled != main:
+                raise CheckpointError(f"{self.path}: the common state's args give the hybrid layer "
+                                      f"pattern {recorded!r} but the tensors spell {spelled!r}; "
+                                      "the checkpoint is inconsistent")
+            return main + mtp
+        if spelled is None:
+            return None
+        depths = indexing.mtp_layer_count(shapes)
+        inner = "mtp.layers.0.mtp_model_layer."
+        mtp = indexing.hybrid_symbols({"decoder." + k[len(inner):]: s for k, s in shapes.items()
+                                       if k.startswith(inner + "layers.")}) if depths else None
+        return spelled + (f"{hybrid.MTP}{mtp}" * depths if mtp else "")

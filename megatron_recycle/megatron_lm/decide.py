@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__, compat
+from .. import __version__, compat, hybrid
 from ..errors import GrowthError
 from ..io.checkpoint import CheckpointInfo, is_checkpoint_root
 from ..options import add_growth_args, growth_from_args
@@ -27,6 +27,7 @@ from ..provenance import Provenance, SourceRef
 # Megatron-LM argument dests that growth sets; their values given on the command line are
 # checked against the plan.
 SIZE_DESTS = ("num_layers", "num_experts", "moe_router_topk")
+HYBRID_PATTERN_DESTS = ("hybrid_layer_pattern", "hybrid_override_pattern")  # 0.19+, older
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -99,10 +100,6 @@ def configure(args, explicit: set[str]) -> Optional[Decision]:
             "--use-checkpoint-args overwrites num_layers, num_experts and the MoE settings "
             "with the source checkpoint's, which growth changes; drop --use-checkpoint-args "
             "and pass the base run's model arguments (the --grow-* flags derive the rest)")
-    if getattr(args, "hybrid_layer_pattern", None) or getattr(args, "hybrid_override_pattern", None):
-        raise GrowthError(
-            "--hybrid-layer-pattern: growing hybrid (HybridModel) checkpoints through Megatron-LM "
-            "is not supported yet; grow GPT-MoE checkpoints, or drop the --grow-* flags")
     if not args.load:
         raise GrowthError("--grow-* needs --load pointing at the source checkpoint")
     if getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
@@ -148,10 +145,38 @@ def target_updates(plan: GrowthPlan, args, explicit: set[str], notes: list[str])
     updates = {"num_layers": target.num_layers}
     if target.is_moe:
         updates.update(num_experts=target.num_experts, moe_router_topk=target.topk)
-        freq = target.moe_layer_freq()
-        if freq is not None:
-            updates["moe_layer_freq"] = freq
+    dest = next((d for d in HYBRID_PATTERN_DESTS if getattr(args, d, None)), None)
+    if target.is_hybrid:
+        updates[dest or HYBRID_PATTERN_DESTS[0]] = hybrid_pattern(plan, args, dest)
+    elif dest is not None:
+        raise GrowthError(f"--{dest.replace('_', '-')} builds a HybridModel, but the source "
+                          "checkpoint is a GPT model; growing while converting GPT to hybrid is "
+                          "not supported: grow it as GPT (pretrain_gpt.py)")
+    elif target.moe_layer_freq() is not None:
+        updates["moe_layer_freq"] = target.moe_layer_freq()
     return updates
+
+
+def hybrid_pattern(plan: GrowthPlan, args, dest: Optional[str]) -> str:
+    """The grown `--hybrid-layer-pattern`: the one given if it is already the grown pattern, the
+    grown one cut into as many pipeline segments as the given (base) one when that fits the
+    job's pipeline size, else one segment per pipeline stage."""
+    source, target = plan.source.hybrid_pattern, plan.target.hybrid_pattern
+    if dest is None:
+        raise GrowthError(f"the source checkpoint is a HybridModel ({source!r}): run pretrain_hybrid.py "
+                          "with the base run's --hybrid-layer-pattern (growth derives the grown one)")
+    given = getattr(args, dest)
+    flag = f"--{dest.replace('_', '-')}"
+    main, mtp = hybrid.split(given)
+    if main + mtp == target:
+        return given
+    if main + mtp != source:
+        raise GrowthError(f"{flag} {given!r} is neither the source checkpoint's pattern {source!r} "
+                          f"nor the grown one {target!r}; pass one of them")
+    segments = given.partition(hybrid.MTP)[0].count(hybrid.PIPE) + 1
+    stages = args.pipeline_model_parallel_size
+    return plan.target_hybrid_pattern(segments if segments % stages == 0 else stages,
+                                      "--pipeline-model-parallel-size")
 
 
 def _is_target(plan: GrowthPlan, dest: str, value) -> bool:

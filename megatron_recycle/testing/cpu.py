@@ -111,9 +111,22 @@ def install() -> bool:
 
     torch.Tensor.type = tensor_type
     _patch_alltoall_split_sizes()
+    _patch_hybrid_final_norm()
     fixes.apply()
     _INSTALLED = True
     return True
+
+
+def _patch_hybrid_final_norm():
+    """HybridModel's stack builds its final norm with Transformer Engine whatever its spec says
+    (megatron-core 0.19+): the torch norm instead, the local specs' own."""
+    try:
+        from megatron.core.models.hybrid import hybrid_block
+    except ImportError:  # before 0.19: no HybridModel
+        return
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    hybrid_block.TENorm = WrappedTorchNorm
 
 
 def _patch_alltoall_split_sizes():

@@ -1,5 +1,7 @@
-"""Small Megatron-Core GPT-MoE models in any TP/EP/PP(/VPP) layout, for tests, the demo and
-benchmarks. Built from Megatron-Core's own local (non-TE) specs, so they run on CPU."""
+"""Small Megatron-Core GPT-MoE and HybridModel models in any TP/EP/PP(/VPP) layout, for tests,
+the demo and benchmarks. Built from Megatron-Core's own local (non-TE) modules, so they run on
+CPU (megatron-core ships HybridModel specs with Transformer Engine only: `hybrid_stack_spec`
+below is the same stack from local modules, its keys mapped to the TE spec's)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .. import hybrid
 from ..plan import Architecture, GrowthPlan
 
 
@@ -33,30 +36,50 @@ class ToySpec:
     vocab: int = 64
     seq: int = 16
     dtype: torch.dtype = torch.float32
+    # HybridModel (megatron-core 0.19+): one symbol per layer, '/' before the MTP pattern; no
+    # '|': pipeline segments are cut for the layout. num_layers and mtp_layers follow from it.
+    hybrid_pattern: Optional[str] = None
+
+    def __post_init__(self):
+        if self.hybrid_pattern is not None:
+            main, mtp = hybrid.split(self.hybrid_pattern)
+            object.__setattr__(self, "num_layers", len(main))
+            object.__setattr__(self, "mtp_layers", mtp.count(hybrid.MTP))
 
     def architecture(self) -> Architecture:
+        moe_layers = None if self.moe_layer_freq is None else tuple(bool(x) for x in self.moe_layer_freq)
+        if self.hybrid_pattern is not None:
+            moe_layers = tuple(c == "E" for c in hybrid.split(self.hybrid_pattern)[0])
         return Architecture(
             num_layers=self.num_layers,
             num_experts=self.experts,
             topk=self.topk if self.experts else None,
-            moe_layers=None if self.moe_layer_freq is None else tuple(bool(x) for x in self.moe_layer_freq),
+            moe_layers=moe_layers,
             mtp_layers=self.mtp_layers,
             router_num_groups=self.router_groups,
             router_group_topk=self.router_group_topk,
             score_function=self.score_function,
             pre_softmax=self.pre_softmax,
+            hybrid_pattern=self.hybrid_pattern,
         )
 
     def grown(self, plan: GrowthPlan) -> "ToySpec":
         target = plan.target
-        freq = target.moe_layer_freq()
+        freq = None if target.is_hybrid else target.moe_layer_freq()
         return dataclasses.replace(
             self,
             num_layers=target.num_layers,
             experts=target.num_experts,
             topk=target.topk or self.topk,
             moe_layer_freq=None if freq is None else tuple(freq),
+            hybrid_pattern=target.hybrid_pattern,
         )
+
+    def pattern_for(self, layout: "Layout") -> str:
+        """The hybrid pattern with one `|` segment per (virtual) pipeline stage."""
+        main, mtp = hybrid.split(self.hybrid_pattern)
+        stages = layout.pp * (layout.vpp or 1)
+        return hybrid.segmented(main, hybrid.default_blocks(main), stages, "pp") + mtp
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,9 @@ def config(spec: ToySpec, layout: Layout):
         pipeline_dtype=spec.dtype,
         mtp_num_layers=spec.mtp_layers or None,
     )
+    if spec.hybrid_pattern is not None:
+        kwargs.update(is_hybrid_model=True, normalization="RMSNorm", mamba_state_dim=8,
+                      mamba_head_dim=8, mamba_num_groups=2, use_mamba_mem_eff_path=False)
     if spec.experts:
         kwargs.update(
             num_moe_experts=spec.experts,
@@ -148,6 +174,19 @@ def build(spec: ToySpec, layout: Layout, seed: int = 1) -> list[torch.nn.Module]
     for vp in range(layout.vpp or 1):
         vp_stage = vp if layout.vpp else None
         torch.manual_seed(seed)
+        if spec.hybrid_pattern is not None:
+            from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+            from .cpu import cuda_to_cpu
+
+            with cuda_to_cpu():  # its output layer set-up moves weights with .cuda() under PP
+                chunks.append(HybridModel(
+                    cfg, hybrid_stack_spec(spec), vocab_size=spec.vocab, max_sequence_length=spec.seq,
+                    hybrid_layer_pattern=spec.pattern_for(layout),
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    position_embedding_type="rope", vp_stage=vp_stage))
+            continue
         block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, vp_stage=vp_stage)
         mtp = None
         if spec.mtp_layers:
@@ -165,6 +204,72 @@ def build(spec: ToySpec, layout: Layout, seed: int = 1) -> list[torch.nn.Module]
             vp_stage=vp_stage,
         ))
     return chunks
+
+
+def hybrid_stack_spec(spec: ToySpec):
+    """megatron-core's `hybrid_stack_spec` from local modules (it ships one with Transformer
+    Engine only), with `sharded_state_dict_keys_map`s that give the TE spec's checkpoint keys."""
+    from functools import partial
+
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.multi_token_prediction import (
+        MultiTokenPredictionBlock,
+        MultiTokenPredictionBlockSubmodules,
+        MultiTokenPredictionLayer,
+        MultiTokenPredictionLayerSubmodules,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm as Norm
+    from megatron.core.transformer.transformer_layer import (
+        MoETransformerLayer,
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
+
+    def mamba_mixer():  # imports mamba_ssm: only built for patterns with 'M'
+        from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+
+        return ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
+            in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
+
+    has_mamba = "M" in (spec.hybrid_pattern or "")
+    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(
+        mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+            norm=Norm, mixer=mamba_mixer() if has_mamba else None, mamba_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"})),
+        attention_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
+                                                   core_attention=DotProductAttention,
+                                                   linear_proj=RowParallelLinear)),
+            self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"})),
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=Norm,
+            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
+                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})),
+        moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=Norm,
+            mlp=get_moe_module_spec(use_te=False, num_experts=spec.experts, moe_grouped_gemm=False),
+            mlp_bda=get_bias_dropout_add)),
+        mtp_block_spec=ModuleSpec(module=MultiTokenPredictionBlock, submodules=MultiTokenPredictionBlockSubmodules(
+            layer_specs=[ModuleSpec(module=MultiTokenPredictionLayer, submodules=MultiTokenPredictionLayerSubmodules(
+                enorm=Norm, hnorm=Norm, eh_proj=ColumnParallelLinear, mtp_model_layer=None,
+                layer_norm=Norm))])),
+    ))
 
 
 def sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
@@ -186,7 +291,10 @@ def megatron_args(spec: ToySpec, layout: Layout, **extra):
     """The `args` Megatron-LM stores in common.pt, for the fields growth reads."""
     import argparse
 
+    hybrid_args = {} if spec.hybrid_pattern is None else {
+        "hybrid_layer_pattern": spec.pattern_for(layout), "is_hybrid_model": True}
     return argparse.Namespace(
+        **hybrid_args,
         num_layers=spec.num_layers,
         hidden_size=spec.hidden,
         num_attention_heads=spec.heads,
