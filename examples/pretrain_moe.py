@@ -140,11 +140,16 @@ def layout_from(args) -> toy.Layout:
 
 
 def spec_from(args) -> toy.ToySpec:
-    """The model from command-line flags or from a checkpoint's `args` (same field names)."""
+    """The model from command-line flags or from a checkpoint's `args` (same field names; a
+    checkpoint's may also give the vocabulary, a shared expert and mixed dense/MoE layers)."""
+    freq = getattr(args, "moe_layer_freq", 1)
     return toy.ToySpec(
         num_layers=args.num_layers, hidden=args.hidden_size, heads=args.num_attention_heads,
         ffn=args.ffn_hidden_size, experts=args.num_experts, moe_ffn=args.moe_ffn_hidden_size,
-        topk=args.moe_router_topk, vocab=VOCAB_SIZE, seq=args.seq_length, expert_bias=False,
+        topk=args.moe_router_topk, vocab=getattr(args, "padded_vocab_size", None) or VOCAB_SIZE,
+        seq=args.seq_length, expert_bias=False,
+        shared_expert=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
+        moe_layer_freq=tuple(freq) if isinstance(freq, (list, tuple)) else None,
     )
 
 
@@ -413,8 +418,7 @@ def setup(args) -> Run:
     if args.grow_from:
         info = CheckpointInfo.read(args.grow_from, flag="--grow-from")
         compat.check_loadable(info.path, "--grow-from")
-        depth, width, _ = growth_from_args(args)
-        plan = GrowthPlan(info.architecture(), depth, width)
+        plan = growth_from_args(args).plan(info.architecture())
         spec = spec_from(info.args).grown(plan)
         plan.check_target(expert_parallel=layout.ep, pipeline_parallel=layout.pp)
         run = build_run(args, spec, layout)

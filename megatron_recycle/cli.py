@@ -25,7 +25,6 @@ from typing import Optional, Sequence
 
 from .errors import EXIT_IO, EXIT_SIGINT, EXIT_SIGTERM, EXIT_VERIFY_FAILED, GrowthError
 from .options import add_growth_args, growth_from_args, growth_options_given
-from .plan import GrowthPlan
 
 
 class Terminated(BaseException):
@@ -47,9 +46,9 @@ def _batch_bytes(args) -> int:
 def _grow(args) -> int:
     from . import distributed, offline
 
-    depth, width, optimizer = growth_from_args(args)
+    growth = growth_from_args(args)
     distributed.init_from_environment()
-    offline.grow(args.load, args.save, depth, width, optimizer, step=args.ckpt_step,
+    offline.grow(args.load, args.save, growth, step=args.ckpt_step,
                  overwrite=args.overwrite, workers=args.workers, batch_bytes=_batch_bytes(args),
                  remove_stale_staging=args.remove_stale_staging)
     return 0
@@ -62,9 +61,9 @@ def _verify(args) -> int:
     if growth_options_given(args):
         from .io.checkpoint import CheckpointInfo
 
-        depth, width, optimizer = growth_from_args(args)
-        plan = GrowthPlan(CheckpointInfo.read(args.source, args.ckpt_step, "--source").architecture(),
-                          depth, width)
+        growth = growth_from_args(args)
+        optimizer = growth.optimizer
+        plan = growth.plan(CheckpointInfo.read(args.source, args.ckpt_step, "--source").architecture())
     report = verify.verify(args.source, args.grown, plan, optimizer, step=args.ckpt_step,
                            batch_bytes=_batch_bytes(args))
     print(report.summary(args.max_mismatches))
@@ -82,9 +81,8 @@ def _inspect(args) -> int:
 def _plan(args) -> int:
     from . import cost
 
-    depth, width, _ = growth_from_args(args)
     layout = cost.Layout(tp=args.tp, ep=args.ep, pp=args.pp, dp=args.dp, gpus=args.gpus)
-    report = cost.plan_report(args.load, depth, width, layout, step=args.ckpt_step)
+    report = cost.plan_report(args.load, growth_from_args(args), layout, step=args.ckpt_step)
     print(json.dumps(report, indent=1, default=str) if args.json else cost.table(report))
     return 0
 

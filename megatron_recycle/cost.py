@@ -22,7 +22,6 @@ from typing import Optional
 from . import indexing
 from .errors import GrowthError
 from .io.checkpoint import CheckpointInfo
-from .plan import DepthGrowth, GrowthPlan, WidthGrowth
 
 BUFFERS = (".router.expert_bias",)
 
@@ -106,11 +105,12 @@ def _memory(counts: Counts, arch, layout: Layout) -> dict:
     }
 
 
-def plan_report(source, depth: DepthGrowth, width: WidthGrowth, layout: Layout, step=None) -> dict:
+def plan_report(source, growth, layout: Layout, step=None) -> dict:
+    """`growth`: an `options.Growth`."""
     from .manifest import keeps_optimizer, target_tensors
 
     info = CheckpointInfo.read(source, step)
-    plan = GrowthPlan(info.architecture(), depth, width)
+    plan = growth.plan(info.architecture())
     plan.check_target(expert_parallel=layout.ep, pipeline_parallel=layout.pp)
     grown = target_tensors(info, plan)
     src_shapes = info.shapes if keeps_optimizer(info) else info.model_shapes()

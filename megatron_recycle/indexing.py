@@ -88,6 +88,14 @@ class KeyLayout:
     def is_optimizer_moment(self) -> bool:
         return bool(self.prefix) and not self.is_master_param
 
+    @property
+    def tail(self) -> str:
+        """The model key after `decoder.layers.[{i}.]` (the key itself outside the decoder)."""
+        if not self.decoder:
+            return self.model_key
+        m = _DECODER_INDEXED.match(self.model_key)
+        return self.model_key[m.end():] if m else self.model_key[len("decoder.layers."):]
+
     def canonical_name(self) -> str:
         """The model key with layer/expert indices removed: the noise stream's name."""
         name = _DECODER_INDEXED.sub(r"\1", self.model_key)
@@ -137,6 +145,31 @@ def parse_key(key: str, prepend_axis_num: int) -> KeyLayout:
         expert_in_key=expert_in_key,
         expert_rows=expert_rows,
     )
+
+
+def layer_key(prefix: str, tail: str, layer: Optional[int]) -> str:
+    """A decoder tensor's key: the layer in the key (`decoder.layers.{layer}.tail`), or stacked."""
+    return f"{prefix}decoder.layers.{'' if layer is None else f'{layer}.'}{tail}"
+
+
+def layers_in_keys(arch) -> bool:
+    """Whether megatron-core keys this model's decoder layers by index (`decoder.layers.{i}.`):
+    HybridModel always; GPT when its layers differ (mixed dense / MoE)."""
+    return arch.is_hybrid or arch.moe_layer_freq() is not None
+
+
+def as_stored(source_shapes: dict, key: str, index: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """`key` at prepended `index` in the form the source stores it: the key itself, or, where
+    the source stacks the decoder layers the key names by index (a mixed dense/MoE target
+    upcycled from a homogeneous source), the stacked key with the layer on its first axis."""
+    if key in source_shapes:
+        return key, index
+    layout = parse_key(key, 0)
+    if layout.decoder and layout.layer_in_key is not None:
+        stacked = layer_key(layout.prefix, layout.tail, None)
+        if stacked in source_shapes:
+            return stacked, (layout.layer_in_key,) + tuple(index)
+    return key, index
 
 
 def stored_prepend_axes(key: str) -> int:

@@ -87,8 +87,9 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         if self.source is not None and os.path.realpath(checkpoint_dir) != self.source:
             return super().load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
         try:
-            work = prepare(self.plan_for(checkpoint_dir), self.source_info(checkpoint_dir).shapes,
-                           sharded_state_dict, self.optimizer_policy)
+            info = self.source_info(checkpoint_dir)
+            work = prepare(self.plan_for(checkpoint_dir), info.shapes, sharded_state_dict,
+                           self.optimizer_policy, set(info.objects))
             error = None
         except GrowthError as e:  # agree on failure before the collective read
             work, error = None, e
@@ -102,11 +103,12 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         return execute(work, self.plan, read, lambda request: read_boxes(checkpoint_dir, request))
 
 
-def grow_state_dict(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, read: Reader,
+def grow_state_dict(plan: GrowthPlan, source: CheckpointInfo, sharded_state_dict, read: Reader,
                     optimizer_policy: str = "copy"):
     """`sharded_state_dict` (target shards) filled from the source that `read` reads: the hook's
     work without its collective agreement, for one process."""
-    return execute(prepare(plan, source_shapes, sharded_state_dict, optimizer_policy), plan, read, read)
+    work = prepare(plan, source.shapes, sharded_state_dict, optimizer_policy, set(source.objects))
+    return execute(work, plan, read, read)
 
 
 @dataclass
@@ -123,7 +125,8 @@ class Work:
     objects: list[tuple[ShardedObject, str]] = field(default_factory=list)
 
 
-def prepare(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, optimizer_policy: str) -> Work:
+def prepare(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, optimizer_policy: str,
+            source_objects: set) -> Work:
     """Map every requested shard and object; raises GrowthError before anything is read."""
     work = Work(sharded_state_dict)
     object_requests: dict[str, tuple[str, ShardedObject]] = {}
@@ -138,7 +141,7 @@ def prepare(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, optimizer
             if policy.DP_RESHARDABLE_KEY.match(sh.key):
                 policy.load_moment_policy(optimizer_policy, "dp_reshardable")  # raises, saying what to do
         if isinstance(sh, ShardedObject):
-            key, shape, offset = map_object(plan, sh.key, sh.global_shape, sh.global_offset)
+            key, shape, offset = map_object(plan, source_objects, sh.key, sh.global_shape, sh.global_offset)
             source = ShardedObject(key, None, shape, offset, replica_id=0)
             name = object_requests.setdefault(source.unique_key, (f"o{len(object_requests)}", source))[0]
             work.objects.append((sh, name))
@@ -167,20 +170,21 @@ def _plan_reads(work: Work) -> None:
     holders: dict[Box, tuple[ShardedTensor, bool]] = {}  # box → (shard, noisy)
     dtypes: dict[Box, torch.dtype] = {}
     for sh, fill in work.fills:
+        if fill.source is None:  # nothing to read (a zero router of an upcycled layer)
+            continue
         read = fill.source.unit() if fill.source.unit() in sigma_units else fill.source
         dtypes.setdefault(read, sh.data.dtype)
         takes_whole = (fill.rows is None and not fill.zero and read == fill.source
                        and sh.data.is_contiguous())
         if not takes_whole:
             continue
-        noisy = fill.noise is not None
-        if read not in holders or (holders[read][1] and not noisy):
-            holders[read] = (sh, noisy)
+        if read not in holders or (holders[read][1] and not fill.modifies):
+            holders[read] = (sh, fill.modifies)
     for unit in sigma_units:
         dtypes.setdefault(unit, torch.float32)
     work.boxes = list(dtypes)
     work.late = {id(sh) for sh, fill in work.fills
-                 if fill.noise is not None and holders.get(fill.source, (None,))[0] is sh}
+                 if fill.modifies and holders.get(fill.source, (None,))[0] is sh}
     for i, box in enumerate(work.boxes):
         into = _local(holders[box][0]) if box in holders else None
         work.request[f"r{i}"] = _box_request(box, into, dtypes[box])
@@ -199,8 +203,8 @@ def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader):
 
     def fill(item: tuple[ShardedTensor, Fill]) -> None:  # targets are disjoint: thread-safe
         sh, how = item
-        ops.fill_shard(_local(sh), how, ops.box_view(buffers, how.source), sigmas.__getitem__,
-                       width.noise_alpha, width.seed)
+        source = None if how.source is None else ops.box_view(buffers, how.source)
+        ops.fill_shard(_local(sh), how, source, sigmas.__getitem__, width.noise_alpha, width.seed)
 
     ops.parallel(fill, [item for item in work.fills if id(item[0]) not in work.late])
     ops.parallel(fill, [item for item in work.fills if id(item[0]) in work.late])

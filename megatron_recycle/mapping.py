@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from . import indexing
+from . import indexing, upcycling
 from .plan import GrowthError, GrowthPlan
 
 
@@ -61,11 +61,17 @@ class Noise:
 class Fill:
     """How to build one target shard from the source."""
 
-    source: Box
+    source: Optional[Box]  # None: nothing to read (a zero router of an upcycled layer)
     rows: Optional[tuple[int, ...]] = None  # router: source row for each local target row
     zero: bool = False  # zeroed output projection / moments of a copy
     zero_rows: tuple[int, ...] = ()  # router moments: the local rows that are copies
     noise: Optional[Noise] = None
+    scale: float = 1.0  # upcycled output projections: the source times this, before noise
+
+    @property
+    def modifies(self) -> bool:
+        """Whether the fill changes the values it reads (so it runs after other readers)."""
+        return self.noise is not None or self.scale != 1.0
 
 
 def map_shard(
@@ -83,7 +89,13 @@ def map_shard(
     prepend = prepend_axis_num
     _check_target_axes(plan, layout, key, global_shape)
     came_from = indexing.origin(plan, layout, tuple(global_offset[:prepend]))
-    source_shape = _source_shape(source_shapes, came_from.key)
+    if came_from.layer >= 0 and plan.upcycled(plan.layer_map[came_from.layer]):
+        upcycled = _map_upcycled(plan, source_shapes, layout, came_from, global_shape, global_offset,
+                                 local_shape, prepend, optimizer_policy)
+        if upcycled is not None:
+            return upcycled
+    source_key, source_index = indexing.as_stored(source_shapes, came_from.key, came_from.index)
+    source_shape = _source_shape(source_shapes, source_key)
     offset, shape = tuple(global_offset[prepend:]), tuple(local_shape)
 
     rows = target_rows = None
@@ -96,13 +108,15 @@ def map_shard(
 
     expected = indexing.resized(plan, layout, tuple(global_shape),
                                 prepend if rows is not None else None, to_target=False)
+    if source_key != came_from.key:  # the source stacks the layers the target keys by index
+        expected = (plan.source.num_layers,) + expected
     if tuple(source_shape) != expected:
         raise GrowthError(
             f"key {key!r}: the target's global shape {tuple(global_shape)} maps to {expected} in "
             f"the source, but the source checkpoint has {tuple(source_shape)}; the target model's "
             "hidden sizes, heads or TP-independent shapes must match the source"
         )
-    source = Box(came_from.key, tuple(source_shape), came_from.index, offset, shape)
+    source = Box(source_key, tuple(source_shape), source_index, offset, shape)
 
     copy_rows = () if rows is None else tuple(
         i for i, r in enumerate(target_rows) if plan.expert_source(r)[1] > 0)
@@ -128,13 +142,90 @@ def map_shard(
     return Fill(source=source, rows=rows, zero=zero, zero_rows=zero_rows, noise=noise)
 
 
-def map_object(plan: GrowthPlan, key: str, global_shape, global_offset) -> tuple[str, tuple, tuple]:
+def _map_upcycled(plan: GrowthPlan, source_shapes, layout: indexing.KeyLayout, came_from: indexing.Origin,
+                  global_shape, global_offset, local_shape, prepend: int, optimizer_policy: str,
+                  ) -> Optional[Fill]:
+    """A tensor of an upcycled layer's MoE MLP, from the dense layer (`upcycling.py`); None for
+    the tensors upcycling leaves as they are."""
+    role = upcycling.role(layout.tail)
+    if role is None:
+        return None
+    if role.kind == "router":
+        return Fill(source=None, zero=True)
+    layer, layer_copy = plan.layer_source(came_from.layer)
+
+    def located(tail: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+        key, index = indexing.as_stored(source_shapes, indexing.layer_key(layout.prefix, tail, layer), ())
+        return key, index, tuple(_source_shape(source_shapes, key))
+
+    offset, shape = tuple(global_offset[prepend:]), tuple(local_shape)
+    if role.kind == "norm":
+        tails = {indexing.parse_key(k, 0).tail for k in source_shapes}
+        key, index, full = located(upcycling.dense_tail(role, tails))
+        return Fill(source=Box(key, full, index, offset, shape))
+    key, index, full = located(upcycling.dense_tail(role, ()))
+    unit = tuple(global_shape[prepend:])
+    dense_unit = full[len(index):]
+    up, moment = plan.upcycle, layout.is_optimizer_moment
+    expert, copy = (0, 0) if role.kind == "shared" else plan.expert_source(came_from.expert)
+    granularity = up.granularity if role.kind == "expert" else 1
+    fc2_key = indexing.as_stored(source_shapes, indexing.layer_key(layout.prefix, upcycling.DENSE_FC["fc2"], layer), ())[0]
+    hidden = source_shapes[fc2_key][-1]  # the dense MLP's hidden units
+    glu = role.fc == "fc1" and dense_unit[0] == 2 * hidden
+    axis = 0 if role.fc == "fc1" else 1
+    want = list(dense_unit)
+    want[axis] //= granularity
+    if tuple(want) != unit or dense_unit[axis] % granularity:
+        raise GrowthError(f"key {layout.prefix + layout.model_key!r}: the target expert is {unit} but upcycling "
+                          f"{dense_unit} with granularity {granularity} makes {tuple(want)}; set "
+                          f"--moe-ffn-hidden-size {hidden // granularity} (the dense --ffn-hidden-size "
+                          "/ --upcycle-granularity)")
+    source_offset = list(offset)
+    source_offset[axis] = upcycling.slice_rows(role.fc, glu, hidden, granularity, expert, offset[axis], shape[axis])
+    source = Box(key, full, index, tuple(source_offset), shape)
+    zero_moments = moment and optimizer_policy == "zero"
+    zero = ((plan.depth.zero_copy_outputs and layer_copy > 0 and layout.is_output_projection)
+            or (zero_moments and (layer_copy > 0 or copy > 0)))
+    scale = 1.0
+    if role.fc == "fc2" and not moment:
+        scale = up.routed_scale() if role.kind == "expert" else up.shared_scale()
+    noise = None
+    if plan.width.noise_alpha > 0 and copy > 0 and not zero and not moment:
+        noise = Noise(layout.canonical_name(), came_from.layer, ((came_from.expert, -1),), unit, offset,
+                      _sigma_unit(layout, Box(key, full, index, (0,) * len(dense_unit), dense_unit),
+                                  source_shapes))
+    return Fill(source=source, zero=zero, noise=noise, scale=scale)
+
+
+def map_object(plan: GrowthPlan, source_objects, key: str, global_shape, global_offset,
+               ) -> tuple[str, tuple, tuple]:
     """Map a ShardedObject (e.g. `_extra_state`): its offsets are the prepended axes only.
-    Returns the source object's (key, global shape, global offset)."""
+    Returns the source object's (key, global shape, global offset) as the source stores it
+    (`source_objects`: its storage keys)."""
     layout = indexing.parse_key(key, len(global_shape))
     came_from = indexing.origin(plan, layout, tuple(global_offset))
-    shape = indexing.resized(plan, layout, tuple(global_shape), None, to_target=False)
-    return came_from.key, shape, came_from.index
+    layer = plan.layer_map[came_from.layer] if came_from.layer >= 0 else None
+    dense = upcycling.dense_object_tail(layout.tail) if layer is not None and plan.upcycled(layer) else None
+    if dense is not None:
+        candidates = [(indexing.layer_key(layout.prefix, dense, None), (plan.source.num_layers,), (layer,)),
+                      (indexing.layer_key(layout.prefix, dense, layer), (1,), (0,))]
+    else:
+        shape = indexing.resized(plan, layout, tuple(global_shape), None, to_target=False)
+        candidates = [(came_from.key, shape, came_from.index)]
+        if layout.layer_in_key is not None:  # the source may stack the layers the target indexes
+            stacked_shape = shape if layout.has_expert_index else ()
+            stacked_index = came_from.index if layout.has_expert_index else ()
+            candidates.append((indexing.layer_key(layout.prefix, layout.tail, None),
+                               (plan.source.num_layers,) + stacked_shape, (layer,) + stacked_index))
+    for candidate in candidates:
+        if object_storage_key(*candidate) in source_objects:
+            return candidate
+    return candidates[0]  # missing: the read names it
+
+
+def object_storage_key(key: str, global_shape, global_offset) -> str:
+    """Where torch_dist stores a ShardedObject: `{key}/shard_{offset}_{shape}` (dotted)."""
+    return f"{key}/shard_{'.'.join(map(str, global_offset))}_{'.'.join(map(str, global_shape))}"
 
 
 def _check_target_axes(plan: GrowthPlan, layout: indexing.KeyLayout, key: str, global_shape) -> None:

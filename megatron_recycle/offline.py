@@ -27,14 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__, hybrid, policy
+from . import __version__, hybrid, policy, upcycling
 from .cost import human
 from .distributed import Job
 from .errors import GrowthError
 from .io.checkpoint import TRACKER_FILE, CheckpointInfo
 from .io.destination import Destination, tree_bytes
 from .manifest import Batch, batches, keeps_optimizer, target_objects, target_pieces
-from .plan import DepthGrowth, GrowthPlan, WidthGrowth
+from .options import Growth
+from .plan import GrowthPlan
 from .provenance import KEY as PROVENANCE_KEY
 from .provenance import Provenance, SourceRef
 
@@ -44,8 +45,8 @@ Log = Callable[[str], None]
 class BatchGrower:
     """Grows and writes batches into one output directory; one per process."""
 
-    def __init__(self, source_dir: Path, shapes: dict, out_dir: Path, plan: GrowthPlan, optimizer: str):
-        self.source_dir, self.shapes, self.out_dir = source_dir, shapes, out_dir
+    def __init__(self, source: CheckpointInfo, out_dir: Path, plan: GrowthPlan, optimizer: str):
+        self.source, self.out_dir = source, out_dir
         self.plan, self.optimizer = plan, optimizer
 
     def run(self, batch: Batch):
@@ -73,8 +74,8 @@ class BatchGrower:
         request = {f"t{i}": box_request(p.box, p.dtype) for i, p in enumerate(batch.pieces)}
         for i, o in enumerate(batch.objects):
             request[f"o{i}"] = ShardedObject(o.key, None, o.global_shape, o.offset, replica_id=0)
-        return grow_state_dict(self.plan, self.shapes, request,
-                               lambda r: read_boxes(self.source_dir, r), self.optimizer)
+        return grow_state_dict(self.plan, self.source, request,
+                               lambda r: read_boxes(self.source.path, r), self.optimizer)
 
     def write(self, batch: Batch, grown: dict) -> list:
         from .io.writer import write_batch
@@ -135,6 +136,8 @@ def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, o
                     setattr(args, name, plan.target_hybrid_pattern(segments))
         elif target.moe_layer_freq() is not None:
             args.moe_layer_freq = target.moe_layer_freq()
+        for name, value in upcycling.model_args(plan, getattr(args, "ffn_hidden_size", None) or info.dense_hidden()).items():
+            setattr(args, name, value)
         common["args"] = args
     if not keep_optimizer:
         common.pop("optimizer", None)
@@ -153,9 +156,7 @@ def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, o
 def grow(
     source: str | os.PathLike,
     dest: str | os.PathLike,
-    depth=None,
-    width=None,
-    optimizer: str = "copy",
+    growth: Growth = Growth(),
     step: Optional[int] = None,
     overwrite: bool = False,
     workers: int = 1,
@@ -165,14 +166,15 @@ def grow(
 ) -> GrowResult:
     """Grow the checkpoint at `source` into a new checkpoint root `dest`.
 
-    `optimizer`: copy / zero (grow a model-space optimizer state; copies' moments copied or
-    zeroed) or reset (drop it). In a torch.distributed job every rank calls this with the
+    `growth.optimizer`: copy / zero (grow a model-space optimizer state; copies' moments
+    copied or zeroed) or reset (drop it). In a torch.distributed job every rank calls this with the
     same arguments and grows its share of the batches; rank 0 holds the destination's lock,
     writes the metadata and commits."""
     start = time.monotonic()
     info = CheckpointInfo.read(source, step)
     tracker = tracker_text(info)
-    plan = GrowthPlan(info.architecture(), depth or DepthGrowth(), width or WidthGrowth())
+    plan = growth.plan(info.architecture())
+    optimizer = growth.optimizer
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
     if workers < 1:
         raise GrowthError(f"--workers must be >= 1, got {workers}")
@@ -227,7 +229,7 @@ def grow(
             f"{job.world} rank(s) x {workers} process(es)")
         mine = [b for b in work if b.number % job.world == job.rank]
         per_rank = job.on_every_rank(lambda: _execute(
-            mine, (info.path, info.shapes, out_dir, plan, optimizer), workers, start, log))
+            mine, (info, out_dir, plan, optimizer), workers, start, log))
         job.on_rank0(commit)
     for note in notes:
         log(f"grow: note: {note}")
@@ -242,7 +244,7 @@ def _execute(work: list[Batch], grower_args, workers: int, start: float, log: Lo
     fsynced in the background, all before this returns."""
     from .io.writer import fsync_results
 
-    out_dir = grower_args[2]
+    out_dir = grower_args[1]
     results: dict = {}
     total = sum(b.nbytes for b in work)
     done_bytes = 0

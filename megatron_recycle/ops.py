@@ -16,7 +16,7 @@ import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -110,7 +110,7 @@ def add_unit_noise(out: torch.Tensor, scale: float, seed: int, name: str, layer:
 def fill_shard(
     target: torch.Tensor,
     fill: Fill,
-    source: torch.Tensor,
+    source: Optional[torch.Tensor],
     sigma_of: Callable[[Box], float],
     alpha: float,
     seed: int,
@@ -122,15 +122,18 @@ def fill_shard(
     data = source if fill.rows is None else source.index_select(0, torch.tensor(fill.rows))
     if fill.zero_rows:
         data[list(fill.zero_rows)] = 0  # a fresh tensor from index_select: safe to write
-    if fill.noise is None:
+    if not fill.modifies:
         _copy(target, data)
         return
-    # Noise is added in fp32 on the CPU whatever the target's dtype and device: a bf16
-    # weight and its fp32 main param get the same noise, and a GPU target the CPU's.
+    # Scaled and noised in fp32 on the CPU whatever the target's dtype and device: a bf16
+    # weight and its fp32 main param get the same values, and a GPU target the CPU's.
     in_place = target.dtype == torch.float32 and target.device.type == "cpu"
     out = target if in_place else torch.empty(target.shape, dtype=torch.float32)
     _copy(out, data)
-    _add_noise(out, fill.noise, sigma_of, alpha, seed)
+    if fill.scale != 1.0:
+        out.mul_(fill.scale)
+    if fill.noise is not None:
+        _add_noise(out, fill.noise, sigma_of, alpha, seed)
     if not in_place:
         target.copy_(out)
 

@@ -1,16 +1,56 @@
-"""The growth options, defined once: the offline CLI and the Megatron-LM adapter both add
-them to their argparse parser with `add_growth_args` and read them back with
-`growth_from_args`, so flag names, defaults and help text cannot drift apart. The flag
-names are the ones `plan.GrowthError` messages tell users to change."""
+"""The growth options, defined once: the offline CLI, the reference loop and the Megatron-LM
+adapter add them to their argparse parser with `add_growth_args` and read them back with
+`growth_from_args` as one `Growth`, so flag names, defaults and help text cannot drift apart.
+The flag names are the ones `GrowthError` messages tell users to change."""
 
 from __future__ import annotations
 
 import argparse
 
-from .plan import DEPTH_METHODS, EXPERT_PLACEMENTS, TOPK_POLICIES, DepthGrowth, GrowthError, WidthGrowth
+from dataclasses import dataclass
+
+from .plan import (
+    DEPTH_METHODS,
+    EXPERT_PLACEMENTS,
+    TOPK_POLICIES,
+    Architecture,
+    DepthGrowth,
+    GrowthError,
+    GrowthPlan,
+    Upcycling,
+    WidthGrowth,
+)
 from .policy import OPTIMIZER_POLICIES, check_rewarmup_iters
 
-_DEPTH, _WIDTH = DepthGrowth(), WidthGrowth()
+_DEPTH, _WIDTH, _UPCYCLE = DepthGrowth(), WidthGrowth(), Upcycling()
+
+
+@dataclass(frozen=True)
+class Growth:
+    """The `--grow-*` and `--upcycle-*` options, as given."""
+
+    depth: DepthGrowth = DepthGrowth()
+    width: WidthGrowth = WidthGrowth()
+    upcycle: Upcycling = Upcycling()
+    optimizer: str = "copy"  # --grow-optimizer: copy / zero (copies' moments) / reset
+    rewarmup_iters: int = 0  # 0: the LR schedule continues
+
+    @property
+    def asked(self) -> bool:
+        """Whether any growth is asked for (a factor > 1, a layer map, upcycling)."""
+        return (self.depth.factor > 1 or self.depth.layer_map is not None or self.width.factor > 1
+                or self.upcycle.active)
+
+    def plan(self, source: Architecture) -> GrowthPlan:
+        return GrowthPlan(source, self.depth, self.width, self.upcycle)
+
+    def same_plan(self, plan_description: dict) -> bool:
+        """Whether a recorded plan was made with these options."""
+        try:
+            recorded = GrowthPlan.from_description(plan_description)
+        except (KeyError, TypeError, GrowthError):  # written by another version: not ours
+            return False
+        return (recorded.depth, recorded.width, recorded.upcycle) == (self.depth, self.width, self.upcycle)
 
 
 def _layer_map(text: str) -> tuple[int, ...]:
@@ -21,6 +61,18 @@ def _layer_map(text: str) -> tuple[int, ...]:
             f"--grow-layer-map {text!r}: give 0-based source layer indices separated by commas, "
             "one per target layer, e.g. 0,0,1,1,2,3"
         ) from None
+
+
+def _layer_flags(text: str) -> tuple[int, ...]:
+    """`--upcycle-layers`: 1 / 0 per source layer, comma-separated."""
+    try:
+        flags = tuple(int(x) for x in text.replace(" ", "").split(",") if x != "")
+    except ValueError:
+        flags = ()
+    if not flags or any(f not in (0, 1) for f in flags):
+        raise argparse.ArgumentTypeError(f"--upcycle-layers {text!r}: give 1 (upcycle) or 0 (keep "
+                                         "dense) per source layer, separated by commas, e.g. 1,0,1,0")
+    return flags
 
 
 def _blocks(text: str) -> tuple[str, ...]:
@@ -69,11 +121,25 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--grow-rewarmup-iters", type=int, default=0, metavar="N",
                    help="training runs: restart the LR schedule at growth with an N-iteration "
                         "warm-up (default 0: iteration and schedule continue from the source)")
+    u = parser.add_argument_group("upcycling", "turn a dense checkpoint's MLPs into MoE layers "
+                                  "(composes with --grow-depth; noise and seed as --grow-noise-alpha)")
+    u.add_argument("--upcycle-experts", type=int, default=_UPCYCLE.experts, metavar="E",
+                   help="dense MLP -> E experts (default: %(default)s, no upcycling)")
+    u.add_argument("--upcycle-topk", type=int, default=None, metavar="K",
+                   help="experts per token after upcycling (default: 2, or E if fewer)")
+    u.add_argument("--upcycle-granularity", type=int, default=_UPCYCLE.granularity, metavar="G",
+                   help="each expert a 1/G slice of the dense MLP's hidden units (exact when "
+                        "K is a multiple of G) (default: %(default)s)")
+    u.add_argument("--upcycle-layers", type=_layer_flags, default=None, metavar="1,0,...",
+                   help="upcycle only these source layers (1) and keep the others dense (0) "
+                        "(default: every layer)")
+    u.add_argument("--upcycle-shared-expert", action="store_true",
+                   help="the dense MLP also becomes a shared expert beside the routed ones")
     return parser
 
 
-def growth_from_args(args: argparse.Namespace) -> tuple[DepthGrowth, WidthGrowth, str]:
-    """(DepthGrowth, WidthGrowth, optimizer policy) from parsed `--grow-*` options."""
+def growth_from_args(args: argparse.Namespace) -> Growth:
+    """The growth the parsed `--grow-*` / `--upcycle-*` options ask for."""
     if args.grow_layer_map is not None and (args.grow_depth != _DEPTH.factor
                                             or args.grow_skip_first or args.grow_skip_last):
         raise GrowthError(
@@ -97,7 +163,14 @@ def growth_from_args(args: argparse.Namespace) -> tuple[DepthGrowth, WidthGrowth
         noise_alpha=args.grow_noise_alpha,
         seed=args.grow_seed,
     )
-    return depth, width, args.grow_optimizer
+    experts = args.upcycle_experts
+    topk = args.upcycle_topk if args.upcycle_topk is not None else min(2, max(experts, 1))
+    upcycle = Upcycling(experts=experts, topk=topk, granularity=args.upcycle_granularity,
+                        layers=args.upcycle_layers, shared_expert=args.upcycle_shared_expert)
+    if not upcycle.active and (args.upcycle_topk is not None or args.upcycle_layers is not None
+                               or args.upcycle_shared_expert or args.upcycle_granularity != 1):
+        raise GrowthError("--upcycle-topk/-granularity/-layers/-shared-expert need --upcycle-experts E")
+    return Growth(depth, width, upcycle, args.grow_optimizer, args.grow_rewarmup_iters)
 
 
 def growth_options_given(args: argparse.Namespace) -> bool:

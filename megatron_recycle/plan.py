@@ -54,6 +54,36 @@ class WidthGrowth:
 
 
 @dataclass(frozen=True)
+class Upcycling:
+    """Dense MLPs → MoE layers of `experts` experts: each a copy of the dense MLP, or with
+    `granularity` G of a 1/G slice of its hidden units (expert e is slice e mod G, copy e // G),
+    the router zero (uniform scores), copies noised like width growth."""
+
+    experts: int = 0  # 0: no upcycling
+    topk: int = 1
+    granularity: int = 1
+    layers: Optional[tuple[bool, ...]] = None  # per source layer: upcycled; None: every layer
+    shared_expert: bool = False  # the dense MLP also becomes a shared expert (both half-weighted)
+
+    def __post_init__(self):
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(bool(x) for x in self.layers))
+
+    @property
+    def active(self) -> bool:
+        return self.experts > 0
+
+    def routed_scale(self) -> float:
+        """The factor on the routed experts' output projections that keeps the layer's output:
+        the top-k weights of one token sum to 1 over K experts, and with G slices a token must
+        collect every slice once; with a shared expert, routed and shared take half each."""
+        return self.granularity * (0.5 if self.shared_expert else 1.0)
+
+    def shared_scale(self) -> float:
+        return 0.5
+
+
+@dataclass(frozen=True)
 class Architecture:
     """What growth changes or must respect, read from a checkpoint or a model config."""
 
@@ -148,9 +178,11 @@ class GrowthPlan:
     source: Architecture
     depth: DepthGrowth = field(default_factory=DepthGrowth)
     width: WidthGrowth = field(default_factory=WidthGrowth)
+    upcycle: Upcycling = field(default_factory=Upcycling)
 
     def __post_init__(self):
         w = self.width
+        self._check_upcycling()
         if w.factor < 1:
             raise GrowthError(f"--grow-experts must be a positive integer, got {w.factor}")
         if w.placement not in EXPERT_PLACEMENTS:
@@ -185,12 +217,18 @@ class GrowthPlan:
     # --- experts -------------------------------------------------------------------------
     @property
     def target_num_experts(self) -> Optional[int]:
+        if self.upcycle.active:
+            return self.upcycle.experts
         if not self.source.is_moe:
             return None
         return self.source.num_experts * self.width.factor
 
     def expert_source(self, target_expert: int) -> tuple[int, int]:
-        """Target expert id → (source expert id, copy index; 0 = the original)."""
+        """Target expert id → (source expert id, copy index; 0 = the original). Upcycled: the
+        source "expert" is a slice of the dense MLP (slice 0 of 1 without granularity)."""
+        if self.upcycle.active:
+            g = self.upcycle.granularity
+            return target_expert % g, target_expert // g
         n = self.source.num_experts
         if self.width.placement == "append":
             return target_expert % n, target_expert // n
@@ -234,8 +272,39 @@ class GrowthPlan:
         """The target layers made from `source_layer` (the original first)."""
         return [t for t, s in enumerate(self.layer_map) if s == source_layer]
 
+    def upcycled(self, source_layer: int) -> bool:
+        """Whether the dense MLP of `source_layer` becomes an MoE layer."""
+        up = self.upcycle
+        return up.active and (up.layers is None or up.layers[source_layer])
+
+    def _check_upcycling(self) -> None:
+        up, src = self.upcycle, self.source
+        if not up.active:
+            return
+        if src.is_moe:
+            raise GrowthError(f"--upcycle-experts needs a dense source, but the source checkpoint is "
+                              f"a Mixture-of-Experts ({src.num_experts} experts): grow its experts "
+                              "with --grow-experts instead")
+        if src.is_hybrid:
+            raise GrowthError("--upcycle-experts: upcycling HybridModel checkpoints is not supported; "
+                              "upcycle GPT checkpoints")
+        if self.width.factor > 1:
+            raise GrowthError("--upcycle-experts and --grow-experts both make experts; give one")
+        if up.experts < 1 or not 1 <= up.topk <= up.experts:
+            raise GrowthError(f"--upcycle-topk {up.topk} must be between 1 and --upcycle-experts "
+                              f"{up.experts}")
+        if up.granularity < 1 or up.experts % up.granularity:
+            raise GrowthError(f"--upcycle-granularity {up.granularity} must divide --upcycle-experts "
+                              f"{up.experts} (each slice of the dense MLP gets the same number of copies)")
+        if up.layers is not None and (len(up.layers) != src.num_layers or not any(up.layers)):
+            raise GrowthError(f"--upcycle-layers gives {len(up.layers)} layers with "
+                              f"{sum(up.layers)} upcycled; the source has {src.num_layers} layers: "
+                              "give one entry per layer, at least one of them 1")
+
     @property
     def target_topk(self) -> Optional[int]:
+        if self.upcycle.active:
+            return self.upcycle.topk
         if self.source.topk is None:
             return None
         return self.source.topk * (self.width.factor if self.width.topk == "scale" else 1)
@@ -243,6 +312,8 @@ class GrowthPlan:
     @property
     def target(self) -> Architecture:
         moe_layers = self.source.moe_layers
+        if self.upcycle.active and self.upcycle.layers is not None:
+            moe_layers = self.upcycle.layers
         if moe_layers is not None:
             moe_layers = tuple(moe_layers[s] for s in self.layer_map)
         pattern = self.source.hybrid_pattern
@@ -279,12 +350,20 @@ class GrowthPlan:
 
     @property
     def is_identity(self) -> bool:
-        return self.width.factor == 1 and self.layer_map == tuple(range(self.source.num_layers))
+        return (self.width.factor == 1 and not self.upcycle.active
+                and self.layer_map == tuple(range(self.source.num_layers)))
 
     def exactness_notes(self) -> list[str]:
         """Why the grown model's output will differ from the source's, if it will."""
         notes = []
-        w, src = self.width, self.source
+        w, src, up = self.width, self.source, self.upcycle
+        if up.active:
+            if w.noise_alpha > 0 and up.experts > up.granularity:
+                notes.append(f"expert copies get noise (alpha={w.noise_alpha})")
+            if up.granularity > 1 and up.topk % up.granularity:
+                notes.append(f"--upcycle-topk {up.topk} is not a multiple of --upcycle-granularity "
+                             f"{up.granularity}: a token cannot take every slice of the dense MLP "
+                             "equally often")
         if w.factor > 1:
             if w.noise_alpha > 0:
                 notes.append(f"expert copies get noise (alpha={w.noise_alpha})")
@@ -359,6 +438,7 @@ class GrowthPlan:
         return {
             "depth": dataclasses.asdict(self.depth),
             "width": dataclasses.asdict(self.width),
+            "upcycle": dataclasses.asdict(self.upcycle),
             "source": dataclasses.asdict(self.source),
             "target": dataclasses.asdict(self.target),
             "layer_map": list(self.layer_map),
@@ -371,4 +451,5 @@ class GrowthPlan:
             source=Architecture(**d["source"]),
             depth=DepthGrowth(**d["depth"]),
             width=WidthGrowth(**d["width"]),
+            upcycle=Upcycling(**d.get("upcycle", {})),
         )

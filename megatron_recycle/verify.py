@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import hybrid, indexing, manifest, ops, policy
+from . import hybrid, indexing, manifest, ops, policy, upcycling
 from .errors import GrowthError
 from .io.checkpoint import CheckpointInfo
 from .mapping import Box
@@ -30,7 +30,7 @@ from .plan import GrowthPlan
 class Expectation:
     """What one grown piece must be: its source box, and what was done to it."""
 
-    source: Box  # the source box (whole rows of all source experts for router rows)
+    source: Optional[Box]  # the source box (whole rows of all source experts for router rows)
     layer: int  # target layer, -1 outside the decoder stack
     expert: Optional[int]  # target expert of an expert unit
     rows: Optional[tuple[int, ...]]  # router rows: source row per target row
@@ -41,6 +41,9 @@ class Expectation:
     noisy: bool  # a copy of an expert (or router rows) that gets noise
     noise_name: str  # the noise stream's tensor name
     sigma_key: str  # whose σ scales the noise
+    scale: float = 1.0  # upcycled output projections: the source times this
+    noise_unit: tuple[int, ...] = ()  # the whole unit one expert's noise covers
+    noise_offset: tuple[int, ...] = ()  # the piece's place in it
 
 
 def expectation(plan: GrowthPlan, piece: manifest.Piece, source_shapes, moment_policy: str) -> Expectation:
@@ -61,7 +64,12 @@ def expectation(plan: GrowthPlan, piece: manifest.Piece, source_shapes, moment_p
         source_expert, expert_copy = plan.expert_source(expert)
         if layout.expert_axis is not None:
             index[layout.expert_axis] = source_expert
-    source_key = layout.with_indices(source_layer, source_expert)
+    if layer >= 0 and plan.upcycled(source_layer) and upcycling.role(layout.tail) is not None:
+        return _upcycled_expectation(plan, piece, layout, layer, source_layer, layer_copy, expert,
+                                     source_shapes, moment_policy)
+    source_key, stored_index = indexing.as_stored(source_shapes, layout.with_indices(source_layer, source_expert),
+                                                  tuple(index))
+    index = list(stored_index)
     offset, shape = list(box.offset), list(box.shape)
     rows, targets, copy_rows = None, (), ()
     if layout.expert_rows and plan.source.is_moe:
@@ -81,7 +89,51 @@ def expectation(plan: GrowthPlan, piece: manifest.Piece, source_shapes, moment_p
         sigma_key = weight_key  # master params get the weight's noise
     source = Box(source_key, tuple(source_shapes[source_key]), tuple(index), tuple(offset), tuple(shape))
     return Expectation(source, layer, expert, rows, targets, copy_rows, zero, zero_rows, noisy,
-                       layout.canonical_name(), sigma_key)
+                       layout.canonical_name(), sigma_key, noise_unit=box.unit_shape, noise_offset=box.offset)
+
+
+def _upcycled_expectation(plan: GrowthPlan, piece: manifest.Piece, layout: indexing.KeyLayout, layer: int,
+                          source_layer: int, layer_copy: int, expert: Optional[int], source_shapes,
+                          moment_policy: str) -> Expectation:
+    """A piece of an upcycled layer, restated: zero routers; experts a slice of the dense MLP
+    (expert e: slice e mod G, copy e // G; GLU fc1 sliced in both halves), the output
+    projections scaled by G (and by 1/2 for the routed and shared halves with a shared expert)."""
+    box, up = piece.box, plan.upcycle
+    role = upcycling.role(layout.tail)
+    name = layout.canonical_name()
+    if role.kind == "router":
+        return Expectation(None, layer, None, None, (), (), True, (), False, name, "")
+
+    def stored(tail):
+        return indexing.as_stored(source_shapes, indexing.layer_key(layout.prefix, tail, source_layer), ())
+
+    if role.kind == "norm":
+        tail = upcycling.NORM[role.fc]
+        key, index = stored(tail if stored(tail)[0] in source_shapes else upcycling.FUSED_NORM[role.fc])
+        return Expectation(Box(key, tuple(source_shapes[key]), index, box.offset, box.shape), layer, None,
+                           None, (), (), False, (), False, name, key)
+    key, index = stored(upcycling.DENSE_FC[role.fc])
+    hidden = source_shapes[stored(upcycling.DENSE_FC["fc2"])[0]][-1]
+    routed = role.kind == "expert"
+    piece_index, copy = (expert % up.granularity, expert // up.granularity) if routed else (0, 0)
+    width = hidden // up.granularity if routed else hidden
+    offset = list(box.offset)
+    if role.fc == "fc2":
+        offset[1] += piece_index * width
+    elif routed:
+        glu = source_shapes[key][len(index)] == 2 * hidden
+        half = 1 if glu and box.offset[0] >= width else 0
+        offset[0] = half * hidden + piece_index * width + box.offset[0] - half * width
+    moment = layout.is_optimizer_moment
+    zero = (plan.depth.zero_copy_outputs and layer_copy > 0 and role.fc == "fc2") or (
+        moment and moment_policy == "zero" and (layer_copy > 0 or copy > 0))
+    scale = 1.0 if role.fc == "fc1" or moment else (
+        up.granularity * (0.5 if up.shared_expert else 1.0) if routed else 0.5)
+    noisy = plan.width.noise_alpha > 0 and copy > 0 and not zero and not moment
+    weight_key = key[len(layout.prefix):]
+    sigma_key = weight_key if layout.is_master_param and weight_key in source_shapes else key
+    return Expectation(Box(key, tuple(source_shapes[key]), index, tuple(offset), box.shape), layer, expert,
+                       None, (), (), zero, (), noisy, name, sigma_key, scale, box.unit_shape, box.offset)
 
 
 def unit_noise(seed: int, name: str, layer: int, expert: int, unit_shape, scale: float) -> torch.Tensor:
@@ -205,7 +257,8 @@ def _check_batch(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, pie
         return
     expectations = [expectation(plan, p, src.shapes, moment_policy) for p in pieces]
     grown = read_boxes(dst.path, {i: box_request(p.box, p.dtype) for i, p in enumerate(pieces)})
-    boxes = {e.source for e in expectations} | {_sigma_unit(src, e) for e in expectations if e.noisy}
+    boxes = {e.source for e in expectations if e.source is not None}
+    boxes |= {_sigma_unit(src, e) for e in expectations if e.noisy}
     source = read_boxes(src.path, {b: box_request(b, src.dtypes[b.key]) for b in boxes})
     for i, (piece, exp) in enumerate(zip(pieces, expectations)):
         report.pieces += 1
@@ -218,26 +271,34 @@ def _check_piece(got: torch.Tensor, source: dict, exp: Expectation, plan: Growth
                  src: CheckpointInfo, report: Report) -> Optional[str]:
     if got.is_floating_point() and not bool(torch.isfinite(got).all()):
         return f"NaN or Inf at element {_first(~torch.isfinite(got))}"
-    want = source[exp.source]
-    if exp.rows is not None:
-        want = want[list(exp.rows)]  # a fresh tensor: safe to write below
-        want[list(exp.zero_rows)] = 0
     if exp.zero:
-        return None if not got.any() else f"should be zero (zero-init copy / moments), element {_first(got != 0)} is not"
-    if exp.noisy:
-        scale = plan.width.noise_alpha * _sigma(source[_sigma_unit(src, exp)])
-        noisy_rows = [slice(None)] if exp.rows is None else list(exp.copy_rows)
-        expected = want.to(torch.float32, copy=True)  # never the source buffer itself
-        for row in noisy_rows:
-            expert = exp.expert if exp.rows is None else exp.row_experts[row]
-            shape = tuple(expected[row].shape)
-            expected[row] += unit_noise(plan.width.seed, exp.noise_name, exp.layer, expert, shape, scale)
-        want_noisy = expected.to(got.dtype)
-        problem = _compare(got, want_noisy, "its regenerated noisy copy")
-        if problem:
-            return problem
-        return _check_noise_statistics(got, want, exp, scale, report)
-    return _compare(got, want, f"{exp.source.key} at {exp.source.global_offset}")
+        return None if not got.any() else f"should be zero (zero-init copy / moments / router), element {_first(got != 0)} is not"
+    base = source[exp.source]
+    if exp.rows is not None:
+        base = base[list(exp.rows)]  # a fresh tensor: safe to write below
+        base[list(exp.zero_rows)] = 0
+    if not exp.noisy and exp.scale == 1.0:
+        return _compare(got, base, f"{exp.source.key} at {exp.source.global_offset}")
+    # As growth computes it: in fp32, scaled, then the noise added, then rounded once.
+    expected = base.to(torch.float32, copy=True)  # never the source buffer itself
+    if exp.scale != 1.0:
+        expected.mul_(exp.scale)
+    scaled = expected.to(base.dtype, copy=True)
+    if not exp.noisy:
+        return _compare(got, scaled, f"{exp.source.key} at {exp.source.global_offset} x {exp.scale:g}")
+    scale = plan.width.noise_alpha * _sigma(source[_sigma_unit(src, exp)])
+    for row in ([slice(None)] if exp.rows is None else list(exp.copy_rows)):
+        if exp.rows is None:
+            noise = unit_noise(plan.width.seed, exp.noise_name, exp.layer, exp.expert, exp.noise_unit,
+                               scale)[ops.box(exp.noise_offset, tuple(expected.shape))]
+        else:
+            noise = unit_noise(plan.width.seed, exp.noise_name, exp.layer, exp.row_experts[row],
+                               tuple(expected[row].shape), scale)
+        expected[row] += noise
+    problem = _compare(got, expected.to(got.dtype), "its regenerated noisy copy")
+    if problem:
+        return problem
+    return _check_noise_statistics(got, scaled, exp, scale, report)
 
 
 def _compare(got: torch.Tensor, want: torch.Tensor, what: str) -> Optional[str]:

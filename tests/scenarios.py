@@ -59,3 +59,17 @@ HYBRID_SPECS = {
 }
 HYBRID_NOISY = WidthGrowth(2, noise_alpha=0.01, seed=7)
 HYBRID_TARGETS = {"ep2": toy.Layout(ep=2), "pp2": toy.Layout(pp=2)}
+
+# upcycling: a dense GPT (4 layers, GLU FFN 64) → MoE, exact at alpha 0 (softmax after top-k).
+from megatron_recycle.plan import Upcycling  # noqa: E402
+
+DENSE = toy.ToySpec(num_layers=4, experts=None, ffn=64)
+UPCYCLE_CASES = {  # name → (depth, upcycling)
+    "every_layer": (DepthGrowth(), Upcycling(experts=4, topk=2)),
+    "granular_each_slice_once": (DepthGrowth(), Upcycling(experts=4, topk=4, granularity=4)),
+    "shared_expert": (DepthGrowth(), Upcycling(experts=4, topk=2, shared_expert=True)),
+    "some_layers_with_depth": (DepthGrowth(2, zero_copy_outputs=True),
+                               Upcycling(experts=4, topk=2, layers=(True, False, True, False))),
+}
+UPCYCLE_LAYOUTS = {"ep2": toy.Layout(ep=2), "dp2": toy.Layout()}
+UPCYCLE_EXACT, UPCYCLE_NOISY = WidthGrowth(noise_alpha=0.0), WidthGrowth(noise_alpha=0.01, seed=7)

@@ -7,7 +7,7 @@ import pytest
 from megatron_recycle import indexing
 from megatron_recycle.errors import GrowthError
 from megatron_recycle.mapping import Box, map_object, map_shard
-from megatron_recycle.plan import Architecture, DepthGrowth, GrowthPlan, WidthGrowth
+from megatron_recycle.plan import Architecture, DepthGrowth, GrowthPlan, Upcycling, WidthGrowth
 
 PLAN = GrowthPlan(Architecture(num_layers=2, num_experts=2, topk=1), DepthGrowth(2),
                   WidthGrowth(2, noise_alpha=0.01))  # layers 0 0 1 1; experts 0 1 0' 1'
@@ -160,7 +160,57 @@ def test_a_target_the_plan_does_not_make_is_refused_naming_the_flag(key, shape, 
 
 def test_objects_map_their_prepended_axes_only():
     key = "decoder.layers.mlp.experts.experts.linear_fc1._extra_state"
-    assert map_object(PLAN, key, (4, 4), (3, 2)) == (key, (2, 2), (1, 0))
+    stored = {f"{key}/shard_1.0_2.2", "decoder.layers.1.mlp.experts.1.linear_fc1._extra_state/shard_0_1"}
+    assert map_object(PLAN, stored, key, (4, 4), (3, 2)) == (key, (2, 2), (1, 0))
     indexed = "decoder.layers.2.mlp.experts.3.linear_fc1._extra_state"
-    assert map_object(PLAN, indexed, (1,), (0,)) == ("decoder.layers.1.mlp.experts.1.linear_fc1._extra_state",
-                                                     (1,), (0,))
+    assert map_object(PLAN, stored, indexed, (1,), (0,)) == (
+        "decoder.layers.1.mlp.experts.1.linear_fc1._extra_state", (1,), (0,))
+
+
+def test_an_indexed_target_object_maps_to_a_stacked_source_one():
+    """A mixed dense/MoE target (layers in keys) upcycled from a homogeneous source."""
+    stored = {"decoder.layers.self_attention.linear_qkv._extra_state/shard_1_2"}
+    key = "decoder.layers.3.self_attention.linear_qkv._extra_state"
+    assert map_object(PLAN, stored, key, (1,), (0,)) == (
+        "decoder.layers.self_attention.linear_qkv._extra_state", (2,), (1,))
+
+
+def test_an_indexed_target_tensor_maps_to_a_stacked_source_one():
+    shapes = {"decoder.layers.self_attention.linear_proj.weight": (2, 4, 4)}
+    fill = map_shard(PLAN, shapes, "decoder.layers.3.self_attention.linear_proj.weight", (4, 4), (0, 2), (4, 2), 0)
+    assert fill.source == Box("decoder.layers.self_attention.linear_proj.weight", (2, 4, 4), (1,), (0, 2), (4, 2))
+
+
+UPCYCLE = GrowthPlan(Architecture(num_layers=2), DepthGrowth(2, zero_copy_outputs=True),
+                     WidthGrowth(noise_alpha=0.01), Upcycling(experts=4, topk=2, granularity=2, shared_expert=True))
+DENSE = {"decoder.layers.mlp.linear_fc1.weight": (2, 16, 4), "decoder.layers.mlp.linear_fc2.weight": (2, 4, 8),
+         "decoder.layers.mlp.linear_fc1.layer_norm_weight": (2, 4)}
+
+
+@pytest.mark.parametrize("key, shape, offset, local, prepend, want", [
+    # expert 3 = slice 1, copy 1, of a GLU fc1 (8 rows: gate 0-3, up 4-7 per slice): the up half
+    ("decoder.layers.mlp.experts.experts.linear_fc1.weight", (4, 4, 8, 4), (2, 3, 4, 0), (4, 4), 2,
+     dict(source=Box("decoder.layers.mlp.linear_fc1.weight", (2, 16, 4), (1,), (12, 0), (4, 4)), scale=1.0, noisy=True)),
+    # its fc2: columns 4-7 of the dense fc2, scaled by G x 1/2 (a shared expert takes the other half)
+    ("decoder.layers.mlp.experts.experts.linear_fc2.weight", (4, 4, 4, 4), (0, 1, 0, 0), (4, 4), 2,
+     dict(source=Box("decoder.layers.mlp.linear_fc2.weight", (2, 4, 8), (0,), (0, 4), (4, 4)), scale=1.0, noisy=False)),
+    ("decoder.layers.mlp.shared_experts.linear_fc2.weight", (4, 4, 8), (0, 0, 0), (4, 8), 1,
+     dict(source=Box("decoder.layers.mlp.linear_fc2.weight", (2, 4, 8), (0,), (0, 0), (4, 8)), scale=0.5, noisy=False)),
+    ("decoder.layers.pre_mlp_layernorm.weight", (4, 4), (2, 0), (4,), 1,
+     dict(source=Box("decoder.layers.mlp.linear_fc1.layer_norm_weight", (2, 4), (1,), (0,), (4,)), scale=1.0, noisy=False)),
+])
+def test_upcycled_tensors_come_from_the_dense_layer(key, shape, offset, local, prepend, want):
+    fill = map_shard(UPCYCLE, DENSE, key, shape, offset, local, prepend)
+    assert fill.source == want["source"] and (fill.noise is not None) == want["noisy"]
+    if "fc2" not in key or "shared" in key:
+        assert fill.scale == want["scale"]
+    else:
+        assert fill.scale == 2 * 0.5  # granularity 2, halved beside the shared expert
+
+
+def test_an_upcycled_router_is_zero_and_reads_nothing():
+    fill = map_shard(UPCYCLE, DENSE, "decoder.layers.mlp.router.weight", (4, 4, 4), (0, 0, 0), (4, 4), 1)
+    assert fill.zero and fill.source is None
+    copy_output = map_shard(UPCYCLE, DENSE, "decoder.layers.mlp.experts.experts.linear_fc2.weight",
+                            (4, 4, 4, 4), (1, 0, 0, 0), (4, 4), 2)
+    assert copy_output.zero  # layer 1 is a depth copy: zero-init output projection

@@ -17,6 +17,9 @@ def megatron_parser() -> argparse.ArgumentParser:
                  "--decoder-last-pipeline-num-layers"):
         p.add_argument(flag, type=int, default=None)
     p.add_argument("--moe-router-topk", type=int, default=2)
+    for flag in ("--ffn-hidden-size", "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size"):
+        p.add_argument(flag, type=int, default=None)
+    p.add_argument("--moe-use-upcycling", action="store_true")
     p.add_argument("--moe-layer-freq", default=1)
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                  "--expert-model-parallel-size"):
@@ -181,3 +184,17 @@ def test_schedule_continues_or_rewarms(ckpts):
     assert rewarmed.num_steps == 0
     rewarmed.step(5 * 4)
     assert rewarmed.optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)
+
+
+def test_upcycling_sets_the_moe_arguments_of_a_dense_checkpoint(ckpts):
+    upcycle = ["--load", str(ckpts / "dense"), "--upcycle-experts", "8", "--upcycle-topk", "2",
+               "--upcycle-granularity", "2", "--ffn-hidden-size", "64", "--grow-optimizer", "reset"]
+    args, decision = configure(upcycle)
+    assert decision.grow and (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size) == (8, 2, 32)
+    assert decision.provenance.plan["upcycle"]["experts"] == 8
+    with pytest.raises(GrowthError, match="--moe-ffn-hidden-size 64 does not match upcycling"):
+        configure(upcycle + ["--moe-ffn-hidden-size", "64"])
+    with pytest.raises(GrowthError, match="--moe-use-upcycling"):
+        configure(upcycle + ["--moe-use-upcycling"])
+    with pytest.raises(GrowthError, match="needs a dense source"):
+        configure(["--load", str(ckpts / "base"), "--upcycle-experts", "8", "--grow-optimizer", "reset"])

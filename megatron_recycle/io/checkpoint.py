@@ -191,6 +191,11 @@ class CheckpointInfo:
             return "non_distributed"
         return None
 
+    def dense_hidden(self) -> Optional[int]:
+        """The hidden units of the dense MLPs (`--ffn-hidden-size`), from `linear_fc2`'s columns."""
+        return next((s[-1] for k, s in self.model_shapes().items()
+                     if k.startswith("decoder.layers.") and k.endswith(".mlp.linear_fc2.weight")), None)
+
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: s for k, s in self.shapes.items() if not k.startswith("optimizer.")}
 
@@ -207,7 +212,7 @@ class CheckpointInfo:
             return getattr(args, name, default) if args is not None else default
 
         for name, held in (("num_layers", num_layers), ("num_experts", experts)):
-            if get(name) not in (None, held):
+            if (get(name) or None) not in (None, held):  # num_experts 0: dense, as None
                 raise CheckpointError(
                     f"{self.path}: the common state's args say {name}={get(name)} but the tensors "
                     f"hold {held}; the checkpoint is inconsistent")

@@ -165,6 +165,30 @@ def read_boxes(checkpoint_dir, requests: dict) -> dict:
         data = getattr(sh, "data", None)
         if isinstance(data, torch.Tensor) and not data.is_contiguous():
             raise ValueError(f"{name}: destination tensors must be contiguous")
+    out = {}
+    for part in _without_shared_corners(requests):
+        out.update(_read(checkpoint_dir, part))
+    return out
+
+
+def _without_shared_corners(requests: dict) -> list[dict]:
+    """The requests split so that no two boxes of one tensor start at the same place in one
+    read: torch DCP addresses a destination by (tensor, offset) (a slice of a unit and the
+    whole unit, both at its origin, would collide)."""
+    parts: list[dict] = []
+    for name, sh in requests.items():
+        corner = (sh.key, tuple(getattr(sh, "global_offset", ())))
+        part = next((p for p in parts if corner not in p["corners"]), None)
+        if part is None:
+            part = {"corners": set(), "requests": {}}
+            parts.append(part)
+        if hasattr(sh, "data"):
+            part["corners"].add(corner)
+        part["requests"][name] = sh
+    return [p["requests"] for p in parts]
+
+
+def _read(checkpoint_dir, requests: dict) -> dict:
     planner = _BoxPlanner(checkpoint_dir, requests)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)

@@ -5,5 +5,5 @@
 - `compat`: what differs between Megatron-LM revisions.
 """
 
-from .decide import Decision, GrowthRequest, add_arguments, configure, explicit_dests  # noqa: F401
+from .decide import Decision, add_arguments, configure, explicit_dests  # noqa: F401
 from .hooks import active_decision, apply_schedule, install  # noqa: F401

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__, compat, hybrid
+from .. import __version__, compat, hybrid, upcycling
 from ..errors import GrowthError
 from ..io.checkpoint import CheckpointInfo, is_checkpoint_root
-from ..options import add_growth_args, growth_from_args
-from ..plan import DepthGrowth, GrowthPlan, WidthGrowth
+from ..options import Growth, add_growth_args, growth_from_args
+from ..plan import GrowthPlan
 from ..policy import load_moment_policy
 from ..provenance import Provenance, SourceRef
 
@@ -28,6 +28,7 @@ from ..provenance import Provenance, SourceRef
 # checked against the plan.
 SIZE_DESTS = ("num_layers", "num_experts", "moe_router_topk")
 HYBRID_PATTERN_DESTS = ("hybrid_layer_pattern", "hybrid_override_pattern")  # 0.19+, older
+UPCYCLE_SIZE_DESTS = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,36 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return add_growth_args(parser)
 
 
-@dataclass(frozen=True)
-class GrowthRequest:
-    """The `--grow-*` options, as given."""
+def requested(args) -> Optional[Growth]:
+    """The growth the `--grow-*` / `--upcycle-*` flags ask for; None when they ask for none."""
+    growth = growth_from_args(args)
+    return growth if growth.asked else None
 
-    depth: DepthGrowth
-    width: WidthGrowth
-    optimizer: str = "copy"  # copy / zero (copies' moments) / reset
-    rewarmup_iters: int = 0  # 0: the LR schedule continues
 
-    @classmethod
-    def from_args(cls, args) -> Optional["GrowthRequest"]:
-        """None when no growth is asked for (depth and width factors 1, no layer map)."""
-        if args.grow_depth == 1 and args.grow_layer_map is None and args.grow_experts == 1:
-            return None
-        depth, width, optimizer = growth_from_args(args)
-        return cls(depth, width, optimizer, args.grow_rewarmup_iters)
-
-    def same_growth(self, plan_description: dict) -> bool:
-        try:
-            depth = DepthGrowth(**plan_description["depth"])
-            width = WidthGrowth(**plan_description["width"])
-        except (KeyError, TypeError):  # written by another version: not ours to resume
-            return False
-        return depth == self.depth and width == self.width
-
-    def made(self, provenance: Optional[Provenance], source_root: str, step: Optional[int]) -> bool:
-        """Whether `provenance` records this very growth of `source_root` (at `step`)."""
-        return (provenance is not None and provenance.source.load == source_root
-                and (step is None or provenance.source.iteration == step)
-                and self.same_growth(provenance.plan))
+def made(growth: Growth, provenance: Optional[Provenance], source_root: str, step: Optional[int]) -> bool:
+    """Whether `provenance` records this very growth of `source_root` (at `step`)."""
+    return (provenance is not None and provenance.source.load == source_root
+            and (step is None or provenance.source.iteration == step)
+            and growth.same_plan(provenance.plan))
 
 
 @dataclass
@@ -73,7 +55,7 @@ class Decision:
 
     grow: bool  # True: grow `checkpoint`; False: it already is the grown model, load plainly
     plan: GrowthPlan
-    request: GrowthRequest
+    request: Growth  # the --grow-* / --upcycle-* options
     checkpoint: CheckpointInfo  # the iteration directory that will be loaded
     load: str  # the root `args.load` is set to
     provenance: Provenance  # written into the common state of every checkpoint this job saves
@@ -92,9 +74,13 @@ def configure(args, explicit: set[str]) -> Optional[Decision]:
     Reads only checkpoint metadata (`.metadata`, `common.pt`), on every rank alike; raises
     GrowthError before any model exists.
     """
-    request = GrowthRequest.from_args(args)
+    request = requested(args)
     if request is None:
         return None
+    if getattr(args, "moe_use_upcycling", False):
+        raise GrowthError("--moe-use-upcycling is Megatron's own upcycling (no optimizer state, the "
+                          "iteration reset, a relaunch); megatron-recycle upcycles with "
+                          "--upcycle-experts: give one of them")
     if args.use_checkpoint_args:
         raise GrowthError(
             "--use-checkpoint-args overwrites num_layers, num_experts and the MoE settings "
@@ -154,6 +140,12 @@ def target_updates(plan: GrowthPlan, args, explicit: set[str], notes: list[str])
                           "not supported: grow it as GPT (pretrain_gpt.py)")
     elif target.moe_layer_freq() is not None:
         updates["moe_layer_freq"] = target.moe_layer_freq()
+    for dest, value in upcycling.model_args(plan, getattr(args, "ffn_hidden_size", None)).items():
+        given_value = getattr(args, dest, None)
+        if dest in UPCYCLE_SIZE_DESTS and given_value not in (None, value):
+            raise GrowthError(f"--{dest.replace('_', '-')} {given_value} does not match upcycling "
+                              f"(--ffn-hidden-size / --upcycle-granularity): pass {value} or drop it")
+        updates[dest] = value
     return updates
 
 
@@ -192,7 +184,7 @@ def _has_checkpoint(root) -> bool:
     return bool(root) and is_checkpoint_root(Path(root))
 
 
-def _resume_decision(args, request: GrowthRequest) -> Optional[Decision]:
+def _resume_decision(args, request: Growth) -> Optional[Decision]:
     """A checkpoint grown from this `--load` with these options, in `--save` or `--load`:
     a requeued job. It is loaded plainly, whatever iteration it reached."""
     source_root = real_path(args.load)
@@ -200,7 +192,7 @@ def _resume_decision(args, request: GrowthRequest) -> Optional[Decision]:
     for root in candidates:
         info = CheckpointInfo.read(root, flag="--save" if root == args.save else "--load")
         prov = info.provenance
-        if not request.made(prov, source_root, args.ckpt_step):
+        if not made(request, prov, source_root, args.ckpt_step):
             continue
         plan = prov.growth_plan()
         have = info.architecture()
@@ -221,10 +213,10 @@ def _resume_decision(args, request: GrowthRequest) -> Optional[Decision]:
     return None
 
 
-def _grow_decision(args, request: GrowthRequest) -> Decision:
+def _grow_decision(args, request: Growth) -> Decision:
     info = CheckpointInfo.read(args.load, args.ckpt_step)
     compat.check_loadable(info.path)
-    plan = GrowthPlan(info.architecture(), request.depth, request.width)
+    plan = request.plan(info.architecture())
     if plan.is_identity:
         raise GrowthError("the --grow-* options change nothing (factor 1, identity layer map)")
     provenance = Provenance(

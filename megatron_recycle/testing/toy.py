@@ -64,8 +64,10 @@ class ToySpec:
         )
 
     def grown(self, plan: GrowthPlan) -> "ToySpec":
-        target = plan.target
+        target, up = plan.target, plan.upcycle
         freq = None if target.is_hybrid else target.moe_layer_freq()
+        upcycled = {} if not up.active else {
+            "moe_ffn": self.ffn // up.granularity, "shared_expert": self.ffn if up.shared_expert else 0}
         return dataclasses.replace(
             self,
             num_layers=target.num_layers,
@@ -73,6 +75,7 @@ class ToySpec:
             topk=target.topk or self.topk,
             moe_layer_freq=None if freq is None else tuple(freq),
             hybrid_pattern=target.hybrid_pattern,
+            **upcycled,
         )
 
     def pattern_for(self, layout: "Layout") -> str:

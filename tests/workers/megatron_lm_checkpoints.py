@@ -1,5 +1,5 @@
-"""Checkpoints for the Megatron-LM adapter tests: a base, the same with a dp_reshardable
-optimizer tag, a grown one carrying the provenance the adapter records, one grown offline
+"""Checkpoints for the Megatron-LM adapter tests: a base, a dense one, the base with a
+dp_reshardable optimizer tag, a grown one carrying the provenance the adapter records, one grown offline
 (schema-1 record, as megatron-recycle 0.1 wrote it), and a root grown in place (--save =
 --load: base at iteration 5, grown at 7).
 
@@ -21,6 +21,7 @@ SPEC = toy.ToySpec(num_layers=4, experts=4, topk=2)
 def main(out):
     _boot.init()
     ckpt_tools.save_source(SPEC, toy.Layout(), f"{out}/base", 5)
+    ckpt_tools.save_source(toy.ToySpec(num_layers=4, experts=None, ffn=64), toy.Layout(), f"{out}/dense", 5)
     ckpt_tools.save_source(SPEC, toy.Layout(), f"{out}/base_dp", 5,
                            content_metadata={"distrib_optim_sharding_type": "dp_reshardable"})
     from test_megatron_lm import parse  # the tests' own argument parsing
