@@ -124,6 +124,9 @@ class Run:
     corpus: ByteCorpus
     progress: Progress = Progress()
     grown_at: Optional[int] = None  # iteration of the source checkpoint, when grown
+    plan: Optional[GrowthPlan] = None  # the growth, when grown
+    # More metrics at each evaluation: callables of the run returning a dict (a caller's).
+    eval_metrics: list = dataclasses.field(default_factory=list)
 
     @property
     def chunks(self) -> list[torch.nn.Module]:
@@ -383,7 +386,7 @@ def grow(run: Run, info: CheckpointInfo, plan: GrowthPlan) -> None:
     apply_schedule_after_growth(run.scheduler, source.scheduler, a.grow_rewarmup_iters,
                                 run.samples_per_step)
     run.progress = dataclasses.replace(source, scheduler=run.scheduler.state_dict())
-    run.grown_at = source.iteration
+    run.grown_at, run.plan = source.iteration, plan
     log(f"grew {info.path} (iteration {source.iteration}) into {run.spec.num_layers} layers x "
              f"{run.spec.experts} experts at {run.layout}; optimizer: {a.grow_optimizer}")
 
@@ -437,13 +440,15 @@ def train(run: Run) -> Run:
     start, t0 = run.progress.iteration, time.time()
     val = evaluate(run)  # where this run starts from: fresh, resumed or right after growth
     log(f"iteration {start:5d} | validation loss {val:.4f}")
-    write_metrics(run, {"iteration": start, "val_loss": val, "grown_at": run.grown_at})
+    write_metrics(run, {"iteration": start, "val_loss": val, "grown_at": run.grown_at,
+                        **extra_metrics(run)})
     while run.progress.iteration < a.train_iters:
         record = train_step(run)
         it = run.progress.iteration
         record["iteration"] = it
         if it % a.eval_interval == 0 or it == a.train_iters:
             record["val_loss"] = evaluate(run)
+            record.update(extra_metrics(run))
         if not math.isfinite(record["train_loss"]):
             raise FloatingPointError(f"loss is {record['train_loss']} at iteration {it}")
         write_metrics(run, record)
@@ -460,11 +465,22 @@ def train(run: Run) -> Run:
     return run
 
 
-def main(argv=None) -> Run:
+def extra_metrics(run: Run) -> dict:
+    out = {}
+    for metric in run.eval_metrics:
+        out.update(metric(run))
+    return out
+
+
+def main(argv=None, customize: Optional[Callable[[Run], None]] = None) -> Run:
+    """`customize(run)`: a caller's change to the run after it is built (fresh, resumed or
+    grown) and before it trains, e.g. more `eval_metrics`."""
     args = parse_args(argv)
     init_distributed()
     with cpu.cuda_to_cpu():
         run = setup(args)
+        if customize is not None:
+            customize(run)
         return train(run)
 
 
