@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = {  # --quick, and the default
+SETTINGS = {  # --quick (about 10 minutes on 2 CPU cores), and the default (README: how long)
     "quick": dict(layers=2, hidden=32, experts=4, topk=2, seq=64, global_batch=8, micro_batch=4,
-                  base_iters=120, extra_iters=60, points=4, eval_interval=10, eval_samples=32,
+                  base_iters=360, extra_iters=180, points=4, eval_interval=30, eval_samples=32,
                   seeds=2, lr=3e-3, corpus_bytes=1_000_000),
-    "default": dict(layers=2, hidden=64, experts=4, topk=2, seq=64, global_batch=16, micro_batch=8,
-                    base_iters=400, extra_iters=150, points=4, eval_interval=25, eval_samples=64,
+    "default": dict(layers=4, hidden=48, experts=4, topk=2, seq=64, global_batch=16, micro_batch=8,
+                    base_iters=600, extra_iters=300, points=4, eval_interval=50, eval_samples=64,
                     seeds=2, lr=3e-3, corpus_bytes=4_000_000),
 }
 

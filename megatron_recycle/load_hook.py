@@ -29,7 +29,7 @@ from . import indexing, ops, policy
 from .io.checkpoint import CheckpointInfo
 from .io.reader import read_boxes
 from .mapping import Box, Fill, map_object, map_shard
-from .plan import DepthGrowth, GrowthError, GrowthPlan, WidthGrowth
+from .plan import DepthGrowth, GrowthError, GrowthPlan, Upcycling, WidthGrowth
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         width: Optional[WidthGrowth] = None,
         optimizer_policy: str = "copy",
         source: Optional[str | os.PathLike] = None,
+        upcycle: Optional[Upcycling] = None,
     ):
         """`optimizer_policy` (`--grow-optimizer`): copy / zero grow optimizer state the load
         asks for; reset means none is asked for. `source`: grow only what is loaded from this
@@ -58,12 +59,13 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         # megatron-core 0.19.0 can dequantize FP8 targets tensor by tensor inside its reader;
         # growth writes into the targets itself, so they are dequantized before the load.
         self.stream_ckpt_dequant = False
-        if plan is not None and (depth is not None or width is not None):
-            raise GrowthError("give either a GrowthPlan or depth/width options, not both")
+        if plan is not None and (depth is not None or width is not None or upcycle is not None):
+            raise GrowthError("give either a GrowthPlan or depth/width/upcycle options, not both")
         policy.check_optimizer_policy(optimizer_policy)
         self.plan = plan
         self.depth = depth or DepthGrowth()
         self.width = width or WidthGrowth()
+        self.upcycle = upcycle or Upcycling()
         self.optimizer_policy = optimizer_policy
         self.source = None if source is None else os.path.realpath(source)
         self._info: dict[Path, CheckpointInfo] = {}
@@ -77,7 +79,7 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
     def plan_for(self, checkpoint_dir) -> GrowthPlan:
         if self.plan is None:
             arch = self.source_info(checkpoint_dir).architecture()
-            self.plan = GrowthPlan(arch, self.depth, self.width)
+            self.plan = GrowthPlan(arch, self.depth, self.width, self.upcycle)
         return self.plan
 
     @torch.no_grad()

@@ -67,17 +67,43 @@ def megatron_lm():
     return root
 
 
-def launch(megatron_lm, nproc, *args, check=True):
+def launch(megatron_lm, nproc, *args, check=True, tiny=TINY):
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", MAKEFLAGS=f"LIBEXT={EXT}",
                PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={_free_port()}", "-m", "megatron_recycle.launch",
-           str(megatron_lm / "pretrain_gpt.py"), *TINY, *map(str, args)]
+           str(megatron_lm / "pretrain_gpt.py"), *tiny, *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     if check and proc.returncode != 0:
         pytest.fail(f"pretrain_gpt.py failed (rc {proc.returncode}):\n{out[-12000:]}")
     return proc.returncode, out
+
+
+MOE_FLAGS = ("--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size")
+DENSE = [f for i, f in enumerate(TINY) if f not in MOE_FLAGS and (i == 0 or TINY[i - 1] not in MOE_FLAGS)]
+
+
+def test_a_dense_run_is_upcycled_through_megatron_lm(megatron_lm, tmp_path):
+    """pretrain_gpt.py dense, then the same script with --upcycle-experts at EP2: every expert
+    is the dense MLP, the router zero (lr 0 after upcycling keeps the loaded weights)."""
+    assert "--num-experts" not in DENSE and "--moe-token-dispatcher-type" in DENSE
+    dense, moe = tmp_path / "dense", tmp_path / "moe"
+    launch(megatron_lm, 1, "--lr", "1e-3", "--global-batch-size", 2, "--train-iters", 2,
+           "--save-interval", 2, "--save", dense, tiny=DENSE)
+    _, log = launch(megatron_lm, 2, "--lr", "0", "--global-batch-size", 4, "--train-iters", 3,
+                    "--save-interval", 3, "--load", dense, "--save", moe, "--expert-model-parallel-size", 2,
+                    "--upcycle-experts", 4, "--upcycle-topk", 2, "--grow-noise-alpha", 0,
+                    "--grow-optimizer", "reset", tiny=DENSE)
+    assert "growth: " in log and "iteration        3/       3" in log
+    info = CheckpointInfo.read(moe)
+    assert (info.args.num_experts, info.args.moe_router_topk, info.args.moe_ffn_hidden_size) == (4, 2, 64)
+    source = ckpt_tools.read_checkpoint(dense / "iter_0000002")
+    grown = ckpt_tools.read_checkpoint(info.path)
+    for fc in ("linear_fc1", "linear_fc2"):
+        experts = grown[f"decoder.layers.mlp.experts.experts.{fc}.weight"]
+        assert all(torch.equal(experts[:, e], source[f"decoder.layers.mlp.{fc}.weight"]) for e in range(4)), fc
+    assert not grown["decoder.layers.mlp.router.weight"].any()
 
 
 @pytest.fixture(scope="module")
