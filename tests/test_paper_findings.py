@@ -43,3 +43,9 @@ def test_quick_findings_at_the_smallest_setting(tmp_path):
     assert results["config"]["seeds"] == 2
     for image in results["plots"]:
         assert (out / image).stat().st_size > 5_000
+    (out / "results.json").unlink()
+    (out / "results.json").write_text(json.dumps(dict(results, findings=[])))
+    again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert again.returncode == 0 and "[findings] 1/" not in again.stdout, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text()) == results  # the findings from the runs alone
