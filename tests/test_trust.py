@@ -21,10 +21,16 @@ SRC_ITER = "iter_0000005"
 
 
 def started(*args, env_extra=None):
-    """A `megatron-recycle` process, and a way to wait until it has written its first batch."""
+    """A `megatron-recycle` process, as a terminal's foreground job would run it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "megatron_recycle.cli", *map(str, args)],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    # A shell without job control starts background jobs with SIGINT ignored, and the tool
+    # rightly keeps that; a user's Ctrl-C reaches a foreground job with the default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_batch(proc, number=2):
