@@ -47,10 +47,10 @@ def _grow(args) -> int:
     from . import distributed, offline
 
     growth = growth_from_args(args)
-    distributed.init_from_environment()
-    offline.grow(args.load, args.save, growth, step=args.ckpt_step,
-                 overwrite=args.overwrite, workers=args.workers, batch_bytes=_batch_bytes(args),
-                 remove_stale_staging=args.remove_stale_staging)
+    with distributed.joined_from_environment():
+        offline.grow(args.load, args.save, growth, step=args.ckpt_step,
+                     overwrite=args.overwrite, workers=args.workers, batch_bytes=_batch_bytes(args),
+                     remove_stale_staging=args.remove_stale_staging)
     return 0
 
 

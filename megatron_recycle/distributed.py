@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from .errors import CheckpointError, GrowthError
 
@@ -28,6 +29,23 @@ def init_from_environment(timeout_minutes: float = 30) -> bool:
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return True
+
+
+@contextmanager
+def joined_from_environment(timeout_minutes: float = 30) -> Iterator[None]:
+    """`init_from_environment` for the length of a command; the ranks leave together and
+    destroy the process group (rank 0 hosts the store the others' gloo threads still use: a
+    rank that exits without it can abort another at exit)."""
+    import torch.distributed as dist
+
+    joined = init_from_environment(timeout_minutes)
+    try:
+        yield
+        if joined:
+            dist.barrier()
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
