@@ -1,4 +1,4 @@
-"""HybridModel checkpoints (megatron-core 0.19+; real HybridModel on CPU over gloo, 2 ranks):
+"""HybridModel checkpoints (megatron-core 0.18+; real HybridModel on CPU over gloo, 2 ranks):
 depth growth by blocks of the pattern, width growth of its MoE layers, at load in two target
 layouts and offline; the logits kept with alpha = 0 and zero-initialised copies; the grown
 pattern for Megatron-LM's pretrain_hybrid.py.
@@ -21,7 +21,7 @@ from scenarios import HYBRID_NOISY, HYBRID_SPECS, HYBRID_TARGETS
 from test_offline_tools import cli
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron.core.models.hybrid") is None,
-                                reason="HybridModel is megatron-core 0.19+")
+                                reason="HybridModel is megatron-core 0.18+")
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ class ToySpec:
     vocab: int = 64
     seq: int = 16
     dtype: torch.dtype = torch.float32
-    # HybridModel (megatron-core 0.19+): one symbol per layer, '/' before the MTP pattern; no
+    # HybridModel (megatron-core 0.18+): one symbol per layer, '/' before the MTP pattern; no
     # '|': pipeline segments are cut for the layout. num_layers and mtp_layers follow from it.
     hybrid_pattern: Optional[str] = None
 

@@ -1,4 +1,4 @@
-"""HybridModel (megatron-core 0.19+) grown at load: every tensor of two target layouts, and
+"""HybridModel (megatron-core 0.18+) grown at load: every tensor of two target layouts, and
 the logits with alpha = 0 and zero-initialised depth copies.
 
 Usage: torchrun --nproc-per-node 2 hybrid_growth.py OUT
