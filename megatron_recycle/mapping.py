@@ -169,8 +169,7 @@ def _map_upcycled(plan: GrowthPlan, source_shapes, layout: indexing.KeyLayout, c
     up, moment = plan.upcycle, layout.is_optimizer_moment
     expert, copy = (0, 0) if role.kind == "shared" else plan.expert_source(came_from.expert)
     granularity = up.granularity if role.kind == "expert" else 1
-    fc2_key = indexing.as_stored(source_shapes, indexing.layer_key(layout.prefix, upcycling.DENSE_FC["fc2"], layer), ())[0]
-    hidden = source_shapes[fc2_key][-1]  # the dense MLP's hidden units
+    hidden = located(upcycling.DENSE_FC["fc2"])[2][-1]  # the dense MLP's hidden units
     glu = role.fc == "fc1" and dense_unit[0] == 2 * hidden
     axis = 0 if role.fc == "fc1" else 1
     want = list(dense_unit)
