@@ -251,11 +251,13 @@ def part_env(rec: Record, args) -> str:
             versions[dist] = None
     rec.set(versions=versions, python=sys.version.split()[0], cuda_available=torch.cuda.is_available(),
             torch_cuda=torch.version.cuda)
-    te = "not installed"
-    with rec.step("import transformer_engine"):
+    try:  # not an error here: te_growth is not run without it, and says so
         import transformer_engine.pytorch  # noqa: F401
 
         te = versions["transformer-engine"] or "?"
+    except Exception as e:
+        te = f"not importable ({type(e).__name__}: {str(e)[:200]})"
+    rec.set(transformer_engine=te)
     if not torch.cuda.is_available():
         return f"torch {torch.__version__}, no CUDA; TE {te}"
     props = torch.cuda.get_device_properties(0)
