@@ -255,7 +255,8 @@ class Runner:
             _stop(proc)
             timed_out = True
         del self.running[name]
-        self.record(part, self.outcome(part, proc.returncode, timed_out, self.clock() - started))
+        self.record(part, {"timeout_s": round(timeout),
+                           **self.outcome(part, proc.returncode, timed_out, self.clock() - started)})
         entry = self.report["parts"][name]
         print(f"[gpu-check] {name}: {entry['status']} in {entry['seconds']:.0f} s"
               + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
@@ -328,13 +329,17 @@ def select(plan: list[Part], names: Optional[str], python_given: bool) -> list[P
     chosen = known if names is None else set(filter(None, names.split(",")))
     unknown = chosen - known
     if unknown:
-        raise SystemExit(f"--parts: unknown {', '.join(sorted(unknown))}; choose from "
+        raise UsageError(f"--parts: unknown {', '.join(sorted(unknown))}; choose from "
                          f"{', '.join(p.name for p in plan)}")
     out = [p for p in plan if p.name in chosen and not (python_given and p.name.startswith("install"))]
     dropped = {p.name for p in plan} - {p.name for p in out}
     for p in out:  # a dependency not selected is assumed present
         p.needs = tuple(n for n in p.needs if n not in dropped)
     return out
+
+
+class UsageError(Exception):
+    """A bad flag: one line naming it, exit code 2."""
 
 
 def parse_args(argv=None):
@@ -353,14 +358,21 @@ def parse_args(argv=None):
     p.add_argument("part_args", nargs="*", help="after --: passed to every part (gpu_parts.py --help)")
     args = p.parse_args(argv)
     if args.budget_s <= 0:
-        p.error("--budget-s: give a positive number of seconds")
+        raise UsageError(f"--budget-s {args.budget_s:g}: give a positive number of seconds")
+    if args.python is not None and shutil.which(args.python) is None:
+        raise UsageError(f"--python {args.python}: no such interpreter; give the path of one "
+                         "with the stack installed, or leave it out to install one")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+        plan = select(parts(), args.parts, args.python is not None)
+    except UsageError as e:
+        print(f"gpu_check: {e}", file=sys.stderr)
+        return 2
     no_cuda = not gpu_present() and args.python is None
-    plan = select(parts(), args.parts, args.python is not None)
     if args.dry_run:
         print(plan_text(plan, args.budget_s, no_cuda))
         return 0
