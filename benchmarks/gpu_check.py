@@ -95,15 +95,18 @@ def install_command(ctx: Context) -> list[str]:
 
 
 def install_te_command(ctx: Context) -> list[str]:
-    """nvcc from the CUDA 13.0 wheels if the machine has none; TE built against the installed torch
-    (no build isolation, or pip would build it against another torch)."""
+    """nvcc from the CUDA 13.0 wheels if the machine has none, cuDNN's headers from torch's cuDNN
+    wheel; TE built against the installed torch (no build isolation, or pip would build it
+    against another torch)."""
     py = shlex.quote(ctx.python)
+    nvidia = f"$({py} -c 'import nvidia; print(list(nvidia.__path__)[0])')"
     return ["bash", "-c", " && ".join([
-        "if ! command -v nvcc >/dev/null && [ -z \"${CUDA_HOME:-}\" ]; then "
-        + _pip(ctx, *NVCC_PINS) + " && export CUDA_HOME=$(" + py
-        + " -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], \"cu13\"))')"
-        + " && export PATH=$CUDA_HOME/bin:$PATH; fi",
-        "echo CUDA_HOME=${CUDA_HOME:-system} && (nvcc --version | tail -1 || true)",
+        f"NVIDIA_DIR={nvidia}",
+        "if ! command -v nvcc >/dev/null && [ -z \"${CUDA_HOME:-}\" ]; then " + _pip(ctx, *NVCC_PINS)
+        + " && NVCC=$(find \"$NVIDIA_DIR\" -name nvcc -type f | head -n 1)"
+        + " && export CUDA_HOME=$(dirname \"$(dirname \"$NVCC\")\") && export PATH=$CUDA_HOME/bin:$PATH; fi",
+        "if [ -d \"$NVIDIA_DIR/cudnn\" ]; then export CUDNN_PATH=$NVIDIA_DIR/cudnn CUDNN_HOME=$NVIDIA_DIR/cudnn; fi",
+        "echo CUDA_HOME=${CUDA_HOME:-system} CUDNN_PATH=${CUDNN_PATH:-system} && (nvcc --version | tail -n 1 || true)",
         f"export NVTE_FRAMEWORK=pytorch MAX_JOBS={os.cpu_count() or 8}",
         _pip(ctx, *TE_PINS, flags=("--no-build-isolation",)),
         f"{py} -c 'import transformer_engine.pytorch as te, transformer_engine; "
