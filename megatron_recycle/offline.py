@@ -174,10 +174,13 @@ def grow(
     info = CheckpointInfo.read(source, step)
     tracker = tracker_text(info)
     plan = growth.plan(info.architecture())
+    plan.require_growth()
     optimizer = growth.optimizer
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
-    if workers < 1:
-        raise GrowthError(f"--workers must be >= 1, got {workers}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not 1 <= workers <= cores:
+        raise GrowthError(f"--workers {workers}: give 1 to {cores} (the cores this process may use; "
+                          "more processes than cores only multiply the memory)")
     destination = Destination(dest, overwrite)
     destination.check_overlap(info.path)
 
@@ -228,6 +231,10 @@ def grow(
             f"experts; {len(pieces)} tensor pieces, {human(total, 'B')} in {len(work)} batches, "
             f"{job.world} rank(s) x {workers} process(es)")
         mine = [b for b in work if b.number % job.world == job.rank]
+        if workers > max(len(mine), 1):
+            log(f"grow: note: --workers {workers}, but this rank has {len(mine)} batch(es): "
+                f"running {max(len(mine), 1)} process(es)")
+            workers = max(len(mine), 1)
         per_rank = job.on_every_rank(lambda: _execute(
             mine, (info, out_dir, plan, optimizer), workers, start, log))
         job.on_rank0(commit)
