@@ -52,9 +52,10 @@ def problems(shapes: dict[str, tuple[int, ...]], args: Any) -> list[str]:
     counted("num_layers", layers, "decoder layers")
     counted("num_experts", experts, "experts (router rows)")
 
-    def axis(key: str, shape, dim: int, name: str, want: Optional[int], what: str = "") -> None:
+    def axis(key: str, shape, dim: int, name: str, want: Optional[int], said: str = "") -> None:
         if want is not None and len(shape) >= -dim and shape[dim] != want:
-            disagree(name, f"args.{name}={want}{what} but {key} has {shape[dim]} (shape {tuple(shape)})")
+            disagree(name, f"{said or f'args.{name}={want}'} but {key} has {shape[dim]} "
+                           f"(shape {tuple(shape)})")
 
     hidden, vocab = _arg(args, "hidden_size"), _arg(args, "padded_vocab_size")
     same_layers = not any(getattr(args, name, None) for name in _HETEROGENEOUS)
@@ -63,7 +64,9 @@ def problems(shapes: dict[str, tuple[int, ...]], args: Any) -> list[str]:
     heads, kv = _arg(args, "num_attention_heads"), _arg(args, "kv_channels")
     groups = _arg(args, "num_query_groups") if getattr(args, "group_query_attention", False) else heads
     gate = bool(getattr(args, "attention_output_gate", False))
-    for key, shape in model.items():
+    # the embedding and output layer first: the plainest witnesses of hidden and vocab sizes
+    for key in sorted(model, key=lambda k: (not k.startswith(("embedding.", "output_layer.")), k)):
+        shape = model[key]
         if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
             axis(key, shape, -1, "hidden_size", hidden)
             axis(key, shape, -2, "padded_vocab_size", vocab)
@@ -82,7 +85,8 @@ def problems(shapes: dict[str, tuple[int, ...]], args: Any) -> list[str]:
             axis(key, shape, -2, "hidden_size", hidden)
             # its input is heads x kv_channels for standard attention only (MLA: v_head_dim)
             if heads and kv and same_layers and key[:-len("linear_proj.weight")] + "linear_qkv.weight" in model:
-                axis(key, shape, -1, "num_attention_heads", heads * kv, f" x kv_channels={kv}")
+                axis(key, shape, -1, "num_attention_heads", heads * kv,
+                     f"args.num_attention_heads={heads} x kv_channels={kv} = {heads * kv}")
         elif key.endswith(".self_attention.linear_qkv.weight"):
             axis(key, shape, -1, "hidden_size", hidden)
             if heads and groups and kv and same_layers:

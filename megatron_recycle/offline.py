@@ -177,10 +177,8 @@ def grow(
     plan.require_growth()
     optimizer = growth.optimizer
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if not 1 <= workers <= cores:
-        raise GrowthError(f"--workers {workers}: give 1 to {cores} (the cores this process may use; "
-                          "more processes than cores only multiply the memory)")
+    if workers < 1:
+        raise GrowthError(f"--workers must be >= 1, got {workers}")
     destination = Destination(dest, overwrite)
     destination.check_overlap(info.path)
 
@@ -231,10 +229,7 @@ def grow(
             f"experts; {len(pieces)} tensor pieces, {human(total, 'B')} in {len(work)} batches, "
             f"{job.world} rank(s) x {workers} process(es)")
         mine = [b for b in work if b.number % job.world == job.rank]
-        if workers > max(len(mine), 1):
-            log(f"grow: note: --workers {workers}, but this rank has {len(mine)} batch(es): "
-                f"running {max(len(mine), 1)} process(es)")
-            workers = max(len(mine), 1)
+        workers = _processes(workers, len(mine), log)
         per_rank = job.on_every_rank(lambda: _execute(
             mine, (info, out_dir, plan, optimizer), workers, start, log))
         job.on_rank0(commit)
@@ -244,6 +239,17 @@ def grow(
     log(f"grow: wrote {destination.given} ({human(total, 'B')}) in {seconds:.1f} s")
     return GrowResult(destination.path, destination.path / info.path.name, plan, len(pieces), total,
                       seconds, notes)
+
+
+def _processes(workers: int, batches: int, log: Log) -> int:
+    """`--workers`, capped: never more processes than batches to grow, nor than the cores this
+    process may use (more would only multiply the memory)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(1, min(workers, batches, cores))
+    if processes < workers:
+        log(f"grow: note: --workers {workers}, but this rank has {batches} batch(es) and {cores} "
+            f"core(s): running {processes} process(es)")
+    return processes
 
 
 def _execute(work: list[Batch], grower_args, workers: int, start: float, log: Log) -> dict:
