@@ -174,13 +174,13 @@ def grow(
     info = CheckpointInfo.read(source, step)
     tracker = tracker_text(info)
     plan = growth.plan(info.architecture())
-    plan.require_growth()
     optimizer = growth.optimizer
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
     if workers < 1:
         raise GrowthError(f"--workers must be >= 1, got {workers}")
     destination = Destination(dest, overwrite)
     destination.check_overlap(info.path)
+    plan.require_growth()  # after the destination's checks, which say more about a mistyped --save
 
     notes = list(plan.exactness_notes())
     if info.optimizer_format and optimizer == "reset":
