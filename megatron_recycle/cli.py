@@ -24,7 +24,7 @@ import traceback
 from typing import Optional, Sequence
 
 from .errors import EXIT_IO, EXIT_SIGINT, EXIT_SIGTERM, EXIT_VERIFY_FAILED, GrowthError
-from .options import add_growth_args, growth_from_args, growth_options_given
+from .options import add_growth_args, growth_from_args, growth_options_given, integer, number
 
 
 class Terminated(BaseException):
@@ -33,14 +33,12 @@ class Terminated(BaseException):
 
 def _checkpoint_args(p: argparse.ArgumentParser, flag: str, help: str) -> None:
     p.add_argument(flag, required=True, metavar="CKPT", help=help)
-    p.add_argument("--ckpt-step", type=int, default=None, metavar="N",
+    p.add_argument("--ckpt-step", type=integer(0), default=None, metavar="N",
                    help="iteration to read instead of the one latest_checkpointed_iteration.txt names")
 
 
 def _batch_bytes(args) -> int:
-    if not args.batch_size_mb > 0:
-        raise GrowthError(f"--batch-size-mb must be > 0, got {args.batch_size_mb}")
-    return max(1, int(args.batch_size_mb * 2**20))
+    return max(1, int(args.batch_size_mb * 2**20))  # finite and > 0: parsed by `number`
 
 
 def _grow(args) -> int:
@@ -93,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grow pretrained Megatron-Core MoE checkpoints offline, look at them, "
                     "cost them, and prove them.",
         epilog="exit codes: 0 done, 1 verify found mismatches, 2 usage error, 3 unreadable "
-               "checkpoint or I/O failure, 130/143 interrupted")
+               "checkpoint or I/O failure, 130/143 interrupted",
+        allow_abbrev=False)  # a prefix of one flag must not silently mean another
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("grow", help="write a grown copy of a checkpoint",
+    p = sub.add_parser("grow", help="write a grown copy of a checkpoint", allow_abbrev=False,
                        description="Write a grown checkpoint that stock Megatron-LM loads with the "
                                    "grown model arguments and no plugin. Runs as one process, or "
                                    "as a torch.distributed job (torchrun) whose ranks share the work.")
@@ -107,15 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace DST if it is a Megatron checkpoint root (nothing else is replaced)")
     p.add_argument("--remove-stale-staging", action="store_true",
                    help="remove the staging directories interrupted grows into DST left behind")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="processes growing batches in parallel, per rank (default: %(default)s)")
-    p.add_argument("--batch-size-mb", type=float, default=1024, metavar="MB",
+    p.add_argument("--workers", type=integer(1), default=1, metavar="N",
+                   help="processes growing batches in parallel, per rank: at most the cores it may "
+                        "use, and no more than its batches (default: %(default)s)")
+    p.add_argument("--batch-size-mb", type=number(0, low_open=True), default=1024, metavar="MB",
                    help="grown tensor bytes per batch; memory per process stays a small "
                         "multiple of this (default: %(default)s)")
     add_growth_args(p)
     p.set_defaults(run=_grow)
 
-    p = sub.add_parser("verify", help="prove a grown checkpoint is what its plan says",
+    p = sub.add_parser("verify", help="prove a grown checkpoint is what its plan says", allow_abbrev=False,
                        description="Check every grown tensor against its source slice by the "
                                    "layer/expert maps, every noisy copy against its regenerated "
                                    "noise (bit for bit), finiteness, and the grown common state. "
@@ -123,29 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
                                    "unless --grow-* options are given.")
     _checkpoint_args(p, "--source", "the source checkpoint")
     p.add_argument("--grown", required=True, metavar="CKPT", help="the grown checkpoint")
-    p.add_argument("--batch-size-mb", type=float, default=1024, metavar="MB",
+    p.add_argument("--batch-size-mb", type=number(0, low_open=True), default=1024, metavar="MB",
                    help="tensor bytes read per batch (default: %(default)s)")
-    p.add_argument("--max-mismatches", type=int, default=10, metavar="N",
+    p.add_argument("--max-mismatches", type=integer(0), default=10, metavar="N",
                    help="mismatches to list (default: %(default)s)")
     add_growth_args(p)
     p.set_defaults(run=_verify)
 
-    p = sub.add_parser("inspect", help="architecture, parameter counts and provenance of a checkpoint")
+    p = sub.add_parser("inspect", help="architecture, parameter counts and provenance of a checkpoint",
+                       allow_abbrev=False)
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint root or iter_XXXXXXX directory")
-    p.add_argument("--ckpt-step", type=int, default=None, metavar="N", help="iteration to read")
+    p.add_argument("--ckpt-step", type=integer(0), default=None, metavar="N", help="iteration to read")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("plan", help="what growth will cost, before any GPU-hour is spent",
+    p = sub.add_parser("plan", help="what growth will cost, before any GPU-hour is spent", allow_abbrev=False,
                        description="Before/after parameters, active parameters and FLOPs per "
                                    "token, checkpoint bytes and memory per GPU under a target "
                                    "layout; the exact layer and expert maps.")
     _checkpoint_args(p, "--load", "source checkpoint")
     for flag, what in (("--tp", "tensor"), ("--ep", "expert"), ("--pp", "pipeline")):
-        p.add_argument(flag, type=int, default=1, metavar="N",
+        p.add_argument(flag, type=integer(1), default=1, metavar="N",
                        help=f"target {what}-parallel size (default: %(default)s)")
-    p.add_argument("--dp", type=int, default=None, metavar="N", help="target data-parallel size")
-    p.add_argument("--gpus", type=int, default=None, metavar="N",
+    p.add_argument("--dp", type=integer(1), default=None, metavar="N", help="target data-parallel size")
+    p.add_argument("--gpus", type=integer(1), default=None, metavar="N",
                    help="GPUs of the target job (data-parallel size = N / (tp * pp))")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_growth_args(p)

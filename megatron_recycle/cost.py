@@ -74,6 +74,25 @@ class Layout:
         return dp
 
 
+def check_layout(layout: Layout, plan, args) -> None:
+    """Refuse a target layout Megatron would refuse, naming the flag: TP must divide the
+    attention heads and query groups, PP must leave every stage a layer, EP must divide the
+    data-parallel size it is carved from (expert TP = TP); EP dividing the experts is the plan's."""
+    heads = getattr(args, "num_attention_heads", None)
+    groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else None
+    for count, what in ((heads, "attention heads"), (groups, "query groups")):
+        if isinstance(count, int) and count > 0 and count % layout.tp:
+            raise GrowthError(f"--tp {layout.tp} does not divide the {count} {what} of the model; "
+                              f"pick a divisor of {count}")
+    if layout.pp > plan.target_num_layers:
+        raise GrowthError(f"--pp {layout.pp} exceeds the {plan.target_num_layers} layers after growth; "
+                          "every pipeline stage needs a layer")
+    dp = layout.data_parallel()
+    if (layout.dp is not None or layout.gpus is not None) and dp % layout.ep:
+        raise GrowthError(f"--ep {layout.ep} does not divide the data-parallel size {dp} (expert "
+                          "parallelism splits the data-parallel ranks); change --ep, --dp or --gpus")
+
+
 def model_cost(shapes, dtypes, arch, args, layout: Layout) -> dict:
     counts = count_params(shapes, arch.topk, arch.num_experts)
     out = {"params": counts.total, "active_params": counts.active, "expert_params": counts.experts}
@@ -111,6 +130,7 @@ def plan_report(source, growth, layout: Layout, step=None) -> dict:
 
     info = CheckpointInfo.read(source, step)
     plan = growth.plan(info.architecture())
+    check_layout(layout, plan, info.args)
     plan.check_target(expert_parallel=layout.ep, pipeline_parallel=layout.pp)
     grown = target_tensors(info, plan)
     src_shapes = info.shapes if keeps_optimizer(info) else info.model_shapes()
@@ -161,10 +181,17 @@ def table(report: dict) -> str:
     lines += [f"{name:{width}}  {str(x):>12}  {str(y):>12}" for name, x, y in rows]
     if report["hybrid_pattern"]:
         lines.append("hybrid layer pattern: {} -> {}".format(*report["hybrid_pattern"]))
-    lines.append("layer map (target <- source): " + " ".join(
-        f"{t}<-{s}" for t, s in enumerate(report["layer_map"])))
+    lines.append("layer map (target <- source): " + _listed(
+        [f"{t}<-{s}" for t, s in enumerate(report["layer_map"])]))
     if report["expert_map"]:
-        lines.append("expert map (target <- source.copy): " + " ".join(
-            f"{t}<-{s}.{c}" for t, (s, c) in enumerate(report["expert_map"])))
+        lines.append("expert map (target <- source.copy): " + _listed(
+            [f"{t}<-{s}.{c}" for t, (s, c) in enumerate(report["expert_map"])]))
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
+
+
+def _listed(entries: list[str], ends: int = 32) -> str:
+    """A map's entries on one line; a long one by its first and last `ends` (--json has all)."""
+    if len(entries) <= 3 * ends:
+        return " ".join(entries)
+    return " ".join(entries[:ends] + [f"... ({len(entries)} in all; --json lists them) ..."] + entries[-ends:])

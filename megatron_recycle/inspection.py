@@ -80,11 +80,16 @@ def table(s: dict) -> str:
     p = s["provenance"]
     if p is None:
         rows.append(("grown by megatron-recycle", "no"))
-    else:
-        rows += [("grown from", f"{p['source']} (iteration {p['iteration']})"),
-                 ("growth", f"depth {p['depth']}, width {p['width']}"),
-                 ("layer map", " ".join(map(str, p["layer_map"]))),
-                 ("grown with", f"megatron-recycle {p['version']} ({p['grown_by']}), "
-                                f"optimizer {p['optimizer']}")]
+    back, earlier = 0, ""
+    while p is not None:  # this growth, then the source's own growth, and so on
+        rows += [(f"{earlier}grown from", f"{p['source']} (iteration {p['iteration']})"),
+                 (f"{earlier}growth", f"depth {p['depth']}, width {p['width']}"),
+                 (f"{earlier}layer map", " ".join(map(str, p["layer_map"] or []))),
+                 (f"{earlier}grown with", f"megatron-recycle {p['version']} ({p['grown_by']}), "
+                                          f"optimizer {p['optimizer']}")]
+        if p["disagreements"]:
+            rows.append((f"{earlier}growth record", "INCONSISTENT: " + "; ".join(p["disagreements"])))
+        p, back = p["previous"], back + 1
+        earlier = f"earlier growth {back}: "  # the growth that made the source, and before it
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:{width}}  {value}" for name, value in rows)

@@ -180,6 +180,7 @@ def grow(
         raise GrowthError(f"--workers must be >= 1, got {workers}")
     destination = Destination(dest, overwrite)
     destination.check_overlap(info.path)
+    plan.require_growth()  # after the destination's checks, which say more about a mistyped --save
 
     notes = list(plan.exactness_notes())
     if info.optimizer_format and optimizer == "reset":
@@ -228,6 +229,7 @@ def grow(
             f"experts; {len(pieces)} tensor pieces, {human(total, 'B')} in {len(work)} batches, "
             f"{job.world} rank(s) x {workers} process(es)")
         mine = [b for b in work if b.number % job.world == job.rank]
+        workers = _processes(workers, len(mine), log)
         per_rank = job.on_every_rank(lambda: _execute(
             mine, (info, out_dir, plan, optimizer), workers, start, log))
         job.on_rank0(commit)
@@ -237,6 +239,17 @@ def grow(
     log(f"grow: wrote {destination.given} ({human(total, 'B')}) in {seconds:.1f} s")
     return GrowResult(destination.path, destination.path / info.path.name, plan, len(pieces), total,
                       seconds, notes)
+
+
+def _processes(workers: int, batches: int, log: Log) -> int:
+    """`--workers`, capped: never more processes than batches to grow, nor than the cores this
+    process may use (more would only multiply the memory)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(1, min(workers, batches, cores))
+    if processes < workers:
+        log(f"grow: note: --workers {workers}, but this rank has {batches} batch(es) and {cores} "
+            f"core(s): running {processes} process(es)")
+    return processes
 
 
 def _execute(work: list[Batch], grower_args, workers: int, start: float, log: Log) -> dict:

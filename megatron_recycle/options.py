@@ -6,8 +6,9 @@ The flag names are the ones `GrowthError` messages tell users to change."""
 from __future__ import annotations
 
 import argparse
-
+import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .plan import (
     DEPTH_METHODS,
@@ -53,6 +54,37 @@ class Growth:
         return (recorded.depth, recorded.width, recorded.upcycle) == (self.depth, self.width, self.upcycle)
 
 
+def integer(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse `type`: an integer in [low, high]; argparse names the flag in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"give an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+                + f", not {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(low: float = 0.0, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse `type`: a finite number in [low, high] (or (low, high] with `low_open`)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+            raise argparse.ArgumentTypeError(f"give a finite number {bounds}, not {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
 def _layer_map(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.replace(" ", "").split(",") if x != "")
@@ -82,16 +114,16 @@ def _blocks(text: str) -> tuple[str, ...]:
 def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `--grow-*` options to `parser` (in their own argument group)."""
     g = parser.add_argument_group("growth", "grow the loaded checkpoint: more layers, more experts")
-    g.add_argument("--grow-depth", type=int, default=_DEPTH.factor, metavar="K",
+    g.add_argument("--grow-depth", type=integer(1), default=_DEPTH.factor, metavar="K",
                    help="multiply the number of decoder layers by K (default: %(default)s)")
-    g.add_argument("--grow-depth-method", choices=DEPTH_METHODS, default=_DEPTH.method,
-                   help="interposition: l1 l1 l2 l2 ...; stack: l1..ln l1..ln (default: %(default)s)")
+    g.add_argument("--grow-depth-method", choices=DEPTH_METHODS, default=None,
+                   help=f"interposition: l1 l1 l2 l2 ...; stack: l1..ln l1..ln (default: {_DEPTH.method})")
     g.add_argument("--grow-layer-map", type=_layer_map, default=None, metavar="S0,S1,...",
                    help="explicit 0-based source layer for every target layer; "
                         "overrides --grow-depth/--grow-depth-method/--grow-skip-*")
-    g.add_argument("--grow-skip-first", type=int, default=_DEPTH.skip_first, metavar="N",
+    g.add_argument("--grow-skip-first", type=integer(0), default=_DEPTH.skip_first, metavar="N",
                    help="keep the first N source layers once, uncopied (default: %(default)s)")
-    g.add_argument("--grow-skip-last", type=int, default=_DEPTH.skip_last, metavar="N",
+    g.add_argument("--grow-skip-last", type=integer(0), default=_DEPTH.skip_last, metavar="N",
                    help="keep the last N source layers once, uncopied (default: %(default)s)")
     g.add_argument("--grow-hybrid-blocks", type=_blocks, default=None, metavar="B0,B1,...",
                    help="HybridModel: the blocks of the source pattern copied as a whole, e.g. "
@@ -100,7 +132,7 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--grow-zero-init-copies", action="store_true",
                    help="zero the output projections of copied layers, so the grown model "
                         "computes exactly what the source did")
-    g.add_argument("--grow-experts", type=int, default=_WIDTH.factor, metavar="M",
+    g.add_argument("--grow-experts", type=integer(1), default=_WIDTH.factor, metavar="M",
                    help="multiply the number of experts by M (default: %(default)s)")
     g.add_argument("--grow-expert-placement", choices=EXPERT_PLACEMENTS, default=_WIDTH.placement,
                    help="append: copy c of expert e is e + c*E; interleave: e*M + c "
@@ -108,26 +140,26 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--grow-topk", choices=TOPK_POLICIES, default=_WIDTH.topk,
                    help="scale: top-k becomes M*k (exact at alpha 0); keep: top-k unchanged "
                         "(default: %(default)s)")
-    g.add_argument("--grow-noise-alpha", type=float, default=_WIDTH.noise_alpha, metavar="ALPHA",
+    g.add_argument("--grow-noise-alpha", type=float,  # range and nan: the plan's check default=_WIDTH.noise_alpha, metavar="ALPHA",
                    help="expert copies get Gaussian noise of std ALPHA * std(source expert) "
                         "(default: %(default)s)")
-    g.add_argument("--grow-seed", type=int, default=_WIDTH.seed,
+    g.add_argument("--grow-seed", type=integer(0, 2**63 - 1), default=_WIDTH.seed,
                    help="seed of the copies' noise; the result does not depend on the layout "
                         "(default: %(default)s)")
     g.add_argument("--grow-optimizer", choices=OPTIMIZER_POLICIES, default="copy",
                    help="copy: grow the optimizer state with the weights (copies get their "
                         "source's Adam moments); zero: the same, but copies' moments start at "
                         "zero; reset: a fresh optimizer (default: %(default)s)")
-    g.add_argument("--grow-rewarmup-iters", type=int, default=0, metavar="N",
+    g.add_argument("--grow-rewarmup-iters", type=integer(0), default=0, metavar="N",
                    help="training runs: restart the LR schedule at growth with an N-iteration "
                         "warm-up (default 0: iteration and schedule continue from the source)")
     u = parser.add_argument_group("upcycling", "turn a dense checkpoint's MLPs into MoE layers "
                                   "(composes with --grow-depth; noise and seed as --grow-noise-alpha)")
-    u.add_argument("--upcycle-experts", type=int, default=_UPCYCLE.experts, metavar="E",
+    u.add_argument("--upcycle-experts", type=integer(0), default=_UPCYCLE.experts, metavar="E",
                    help="dense MLP -> E experts (default: %(default)s, no upcycling)")
-    u.add_argument("--upcycle-topk", type=int, default=None, metavar="K",
+    u.add_argument("--upcycle-topk", type=integer(1), default=None, metavar="K",
                    help="experts per token after upcycling (default: 2, or E if fewer)")
-    u.add_argument("--upcycle-granularity", type=int, default=_UPCYCLE.granularity, metavar="G",
+    u.add_argument("--upcycle-granularity", type=integer(1), default=_UPCYCLE.granularity, metavar="G",
                    help="each expert a 1/G slice of the dense MLP's hidden units (exact when "
                         "K is a multiple of G) (default: %(default)s)")
     u.add_argument("--upcycle-layers", type=_layer_flags, default=None, metavar="1,0,...",
@@ -140,16 +172,16 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def growth_from_args(args: argparse.Namespace) -> Growth:
     """The growth the parsed `--grow-*` / `--upcycle-*` options ask for."""
-    if args.grow_layer_map is not None and (args.grow_depth != _DEPTH.factor
-                                            or args.grow_skip_first or args.grow_skip_last):
+    if args.grow_layer_map is not None and (args.grow_depth != _DEPTH.factor or args.grow_skip_first
+                                            or args.grow_skip_last or args.grow_depth_method is not None):
         raise GrowthError(
             "--grow-layer-map gives every target layer explicitly; drop --grow-depth, "
-            "--grow-skip-first and --grow-skip-last, or drop --grow-layer-map"
+            "--grow-depth-method, --grow-skip-first and --grow-skip-last, or drop --grow-layer-map"
         )
     check_rewarmup_iters(args.grow_rewarmup_iters)
     depth = DepthGrowth(
         factor=args.grow_depth,
-        method=args.grow_depth_method,
+        method=args.grow_depth_method or _DEPTH.method,
         layer_map=args.grow_layer_map,
         skip_first=args.grow_skip_first,
         skip_last=args.grow_skip_last,

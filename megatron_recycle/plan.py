@@ -19,6 +19,12 @@ DEPTH_METHODS = ("interposition", "stack")
 EXPERT_PLACEMENTS = ("append", "interleave")
 TOPK_POLICIES = ("scale", "keep")
 MAX_NOISE_ALPHA = 1.0  # beyond it a copy is more noise than expert
+# The largest grown model a plan describes. The plan, the manifest and the maps it prints hold
+# an entry per target layer and per target expert (per layer, where keys index them), so a
+# typo'd factor must be refused here, before any of them is built. Both bounds are far beyond
+# any trained model (about 100 layers; DeepSeek-V3 256 and Kimi K2 384 experts per layer).
+MAX_LAYERS = 2**16
+MAX_EXPERTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -148,11 +154,20 @@ def _unit_map(num_layers: int, depth: DepthGrowth, unit: str) -> tuple[int, ...]
         raise GrowthError(f"--grow-depth must be a positive integer, got {depth.factor}")
     if depth.method not in DEPTH_METHODS:
         raise GrowthError(f"--grow-depth-method must be one of {DEPTH_METHODS}, got {depth.method!r}")
-    if depth.skip_first < 0 or depth.skip_last < 0 or depth.skip_first + depth.skip_last > num_layers:
+    skips = depth.skip_first + depth.skip_last
+    if depth.skip_first < 0 or depth.skip_last < 0 or (skips and skips >= num_layers):
         raise GrowthError(
             f"--grow-skip-first {depth.skip_first} and --grow-skip-last {depth.skip_last} must be "
             f">= 0 and leave {unit}s to copy out of {num_layers}"
         )
+    if skips and depth.factor == 1:
+        raise GrowthError("--grow-skip-first / --grow-skip-last choose which layers --grow-depth "
+                          "copies; with --grow-depth 1 nothing is copied: give --grow-depth K > 1 "
+                          "or drop them")
+    grown_units = skips + depth.factor * (num_layers - skips)
+    if grown_units > MAX_LAYERS:
+        raise GrowthError(f"--grow-depth {depth.factor} makes {grown_units} {unit}s out of "
+                          f"{num_layers}; a plan grows to at most {MAX_LAYERS}: pick a smaller factor")
     head = list(range(depth.skip_first))
     body = list(range(depth.skip_first, num_layers - depth.skip_last))
     tail = list(range(num_layers - depth.skip_last, num_layers))
@@ -199,6 +214,10 @@ class GrowthPlan:
                 "--grow-experts needs a Mixture-of-Experts source, but the source checkpoint "
                 "has no experts (no router / experts keys and num_experts unset)"
             )
+        if (self.target_num_experts or 0) > MAX_EXPERTS:
+            flag = "--upcycle-experts" if self.upcycle.active else f"--grow-experts {w.factor}"
+            raise GrowthError(f"{flag} makes {self.target_num_experts} experts per layer; a plan "
+                              f"grows to at most {MAX_EXPERTS}: pick a smaller number")
         self._check_groups()
         # Derived maps, computed once (the plan is immutable).
         units = None
@@ -238,9 +257,17 @@ class GrowthPlan:
         return [self.expert_source(e) for e in range(self.target_num_experts or 0)]
 
     def expert_targets(self, source_expert: int) -> list[int]:
-        """The target experts made from `source_expert` (the original first)."""
-        return [e for e in range(self.target_num_experts or 0)
-                if self.expert_source(e)[0] == source_expert]
+        """The target experts made from `source_expert` (the original first): the inverse of
+        `expert_source`, without enumerating every target expert."""
+        if self.upcycle.active:
+            g = self.upcycle.granularity
+            return [source_expert + c * g for c in range(self.upcycle.experts // g)]
+        if not self.source.is_moe:
+            return []
+        m, n = self.width.factor, self.source.num_experts
+        if self.width.placement == "append":
+            return [source_expert + c * n for c in range(m)]
+        return [source_expert * m + c for c in range(m)]
 
     def _check_groups(self):
         src, w = self.source, self.width
@@ -352,6 +379,12 @@ class GrowthPlan:
     def is_identity(self) -> bool:
         return (self.width.factor == 1 and not self.upcycle.active
                 and self.layer_map == tuple(range(self.source.num_layers)))
+
+    def require_growth(self) -> None:
+        """Refuse a plan that grows nothing: writing or loading a copy is not growth."""
+        if self.is_identity:
+            raise GrowthError("the --grow-* options change nothing (factor 1, identity layer map): "
+                              "give --grow-depth, --grow-experts, --grow-layer-map or --upcycle-experts")
 
     def exactness_notes(self) -> list[str]:
         """Why the grown model's output will differ from the source's, if it will."""

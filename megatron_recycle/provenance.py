@@ -13,6 +13,7 @@ iteration path with `iteration` beside it; Megatron-LM wrote `source` as a dict.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -102,9 +103,44 @@ class Provenance:
         record = common.get(KEY)
         return None if record is None else cls.from_dict(record)
 
+    def disagreements(self) -> list[str]:
+        """Where the recorded plan's derived parts (layer map, expert map, target model) are
+        not what its own options make: a record edited after growth. Empty when they agree."""
+        try:
+            remade = _plain(self.growth_plan().describe())
+        except GrowthError as e:
+            return [f"its options make no plan ({e})"]
+        recorded = _plain(self.plan)
+        out = []
+        for name in ("layer_map", "expert_map", "target"):
+            have, want = recorded.get(name), remade[name]
+            if name in recorded and have != want:  # (an older record may lack one)
+                out.append(f"its {name} {_first_difference(have, want)}")
+        return out
+
     def summary(self) -> dict[str, Any]:
-        """What `inspect` shows."""
+        """What `inspect` shows: this record, whether it agrees with itself, and the records of
+        earlier growths (`previous`, the source's own record when it was grown too)."""
         return {"source": self.source.path, "iteration": self.source.iteration,
                 "grown_by": self.grown_by, "version": self.version, "seed": self.seed,
-                "optimizer": self.optimizer, "layer_map": self.plan["layer_map"],
-                "depth": self.plan["depth"], "width": self.plan["width"]}
+                "optimizer": self.optimizer, "layer_map": self.plan.get("layer_map"),
+                "depth": self.plan.get("depth"), "width": self.plan.get("width"),
+                "disagreements": self.disagreements(),
+                "previous": None if self.previous is None else self.previous.summary()}
+
+
+def _plain(value):
+    """JSON's view of a value (tuples as lists), so a record compares equal however it was stored."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _first_difference(have, want) -> str:
+    if isinstance(have, list) and isinstance(want, list):
+        if len(have) != len(want):
+            return f"has {len(have)} entries where its options make {len(want)}"
+        at = next(i for i, (h, w) in enumerate(zip(have, want)) if h != w)
+        return f"says {have[at]} at {at} where its options make {want[at]}"
+    if isinstance(have, dict) and isinstance(want, dict):
+        at = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))[0]
+        return f"says {at}={have.get(at)} where its options make {want.get(at)}"
+    return f"is {have!r} where its options make {want!r}"

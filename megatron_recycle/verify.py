@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from . import hybrid, indexing, manifest, ops, policy, upcycling
+from . import consistency, hybrid, indexing, manifest, ops, policy, upcycling
 from .errors import GrowthError
-from .io.checkpoint import CheckpointInfo
+from .io.checkpoint import CheckpointInfo, iteration_dir
 from .mapping import Box
 from .plan import GrowthPlan
 
@@ -222,6 +222,7 @@ def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, re
         report.mismatches.append(f"tensors hold {layers} layers x {experts} experts, the plan makes "
                                  f"{target.num_layers} x {target.num_experts}")
     args = dst.args
+    report.mismatches += [f"common state: {p}" for p in consistency.problems(shapes, args)]
     if args is not None:
         for name, value in (("num_layers", target.num_layers), ("num_experts", target.num_experts),
                             ("moe_router_topk", target.topk)):
@@ -240,8 +241,14 @@ def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, re
                                      f"{getattr(args, 'moe_layer_freq', None)}, the grown model has {freq}")
     if dst.iteration != src.iteration:
         report.mismatches.append(f"common state: iteration {dst.iteration}, the source's is {src.iteration}")
+    if dst.path.name != "release" and (not isinstance(dst.iteration, int)
+                                       or dst.path.name != iteration_dir(dst.path.parent, dst.iteration).name):
+        report.mismatches.append(f"{dst.path.name}: the iteration directory's name disagrees with "
+                                 f"the common state's iteration {dst.iteration}")
     record = dst.provenance
     if record is not None:
+        report.mismatches += [f"common state: the growth record disagrees with itself: {p}"
+                              for p in record.disagreements()]
         if record.growth_plan() != plan:
             report.mismatches.append("common state: the growth record's plan differs from the plan checked")
         if record.source.iteration != src.iteration:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from .. import compat, hybrid, indexing
+from .. import compat, consistency, hybrid, indexing
 from ..errors import CheckpointError, GrowthError
 from ..plan import Architecture
 from ..policy import DP_RESHARDABLE_KEY
@@ -211,11 +211,7 @@ class CheckpointInfo:
         def get(name, default=None):
             return getattr(args, name, default) if args is not None else default
 
-        for name, held in (("num_layers", num_layers), ("num_experts", experts)):
-            if (get(name) or None) not in (None, held):  # num_experts 0: dense, as None
-                raise CheckpointError(
-                    f"{self.path}: the common state's args say {name}={get(name)} but the tensors "
-                    f"hold {held}; the checkpoint is inconsistent")
+        consistency.check(self.path, shapes, args)  # every reader of the args goes through here
         pattern = self._hybrid_pattern(shapes, get("hybrid_layer_pattern") or get("hybrid_override_pattern"))
         moe_layers = indexing.moe_layer_pattern(shapes, num_layers)
         return Architecture(

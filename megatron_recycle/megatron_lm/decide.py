@@ -217,8 +217,7 @@ def _grow_decision(args, request: Growth) -> Decision:
     info = CheckpointInfo.read(args.load, args.ckpt_step)
     compat.check_loadable(info.path)
     plan = request.plan(info.architecture())
-    if plan.is_identity:
-        raise GrowthError("the --grow-* options change nothing (factor 1, identity layer map)")
+    plan.require_growth()
     provenance = Provenance(
         source=SourceRef(real_path(info.path), info.iteration, load=real_path(args.load)),
         plan=plan.describe(),
