@@ -178,7 +178,10 @@ def grow(
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
     if workers < 1:
         raise GrowthError(f"--workers must be >= 1, got {workers}")
-    destination = Destination(dest, overwrite)
+    job = Job.current()
+    log = log if job.rank == 0 else (lambda s: None)
+    destination = Destination(dest, overwrite, parts=(TRACKER_FILE, info.path.name),
+                              log=lambda s: log(f"grow: {s}"))
     destination.check_overlap(info.path)
 
     notes = list(plan.exactness_notes())
@@ -193,8 +196,6 @@ def grow(
     objects = target_objects(info, plan, keep_optimizer)
     work = batches(pieces, objects, batch_bytes)
     total = sum(b.nbytes for b in work)
-    job = Job.current()
-    log = log if job.rank == 0 else (lambda s: None)
 
     def open_staging() -> Path:
         stack.enter_context(destination)
@@ -206,6 +207,8 @@ def grow(
             log(f"grow: note: {len(stale)} staging director{'y' if len(stale) == 1 else 'ies'} of "
                 f"interrupted runs beside {destination.given} ({', '.join(p.name for p in stale)}; "
                 f"{size}); remove them with --remove-stale-staging")
+        for note in destination.moved_aside_notes():
+            log(f"grow: note: {note}")
         destination.check_space(total)
         (destination.staging / info.path.name).mkdir()
         return destination.staging
