@@ -11,8 +11,10 @@
    are independent: `--workers N` processes, or the ranks of a torch.distributed job
    (torchrun / srun, gloo), share them.
 4. Commit: once every batch file is durable, one `.metadata` over all batches, the common
-   state (grown args, provenance), `metadata.json` and last the tracker file are written,
-   and the staging directory is renamed to the destination.
+   state (grown args, provenance), `metadata.json` and last the tracker file are written;
+   the source is checked to be what it was when the grow started (`io/snapshot.py`: every
+   rank after its last read, rank 0 again here), and the staging directory is renamed to the
+   destination.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from . import __version__, hybrid, policy, upcycling
 from .cost import human
 from .distributed import Job
 from .errors import GrowthError
-from .io.checkpoint import TRACKER_FILE, CheckpointInfo
+from .io.checkpoint import TRACKER_FILE, CheckpointInfo, resolve
 from .io.destination import Destination, tree_bytes
+from .io.snapshot import SourceSnapshot
 from .manifest import Batch, batches, keeps_optimizer, target_objects, target_pieces
 from .options import Growth
 from .plan import GrowthPlan
@@ -171,6 +174,7 @@ def grow(
     same arguments and grows its share of the batches; rank 0 holds the destination's lock,
     writes the metadata and commits."""
     start = time.monotonic()
+    pinned = SourceSnapshot.take(resolve(source, step))  # before anything is read from it
     info = CheckpointInfo.read(source, step)
     tracker = tracker_text(info)
     plan = growth.plan(info.architecture())
@@ -221,6 +225,7 @@ def grow(
                (info.path / "metadata.json").read_bytes(), common_number=len(work))
         (staging / TRACKER_FILE).write_text(tracker)  # last: only now is it a checkpoint
         fsync(staging / TRACKER_FILE)
+        pinned.check()  # after every rank's last read
         destination.commit()
 
     with contextlib.ExitStack() as stack:  # on rank 0: the destination's lock and staging
@@ -231,8 +236,13 @@ def grow(
             f"experts; {len(pieces)} tensor pieces, {human(total, 'B')} in {len(work)} batches, "
             f"{job.world} rank(s) x {workers} process(es)")
         mine = [b for b in work if b.number % job.world == job.rank]
-        per_rank = job.on_every_rank(lambda: _execute(
-            mine, (info, out_dir, plan, optimizer), workers, start, log))
+
+        def grow_mine() -> dict:
+            results = _execute(mine, (info, out_dir, plan, optimizer), workers, start, log)
+            pinned.check()  # what this rank read (its window overlaps every other rank's)
+            return results
+
+        per_rank = job.on_every_rank(grow_mine)
         job.on_rank0(commit)
     for note in notes:
         log(f"grow: note: {note}")
