@@ -16,8 +16,10 @@ through the load hook with the same flags a user passes, each given the same ext
 4. sunk cost: bases from several points of one run, the same extra compute each;
 5. the optimizer state after growth: carried (`copy`) vs `reset` (the paper resets).
 Every run of all seeds runs in one torchrun (one start-up). Writes OUT/results.json
-({"findings": [{"name", "paper", "ours", "reproduced", ...}], "config": ...}), a table on
-stdout and PNG plots; runs unchanged on GPUs (NCCL).
+({"findings": [{"name", "paper", "ours", "reproduced", ...}], "pending", "finished_runs",
+"config": ...}) after every run (the findings whose runs have all finished), a table on
+stdout and, once every run finished, PNG plots; `--report-only` reports whatever finished.
+Runs unchanged on GPUs (NCCL).
 """
 
 from __future__ import annotations
@@ -208,12 +210,23 @@ def _router_stats(run) -> dict:
 
 
 # --- the findings ---------------------------------------------------------------------------
-def load(out: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+class Pending(Exception):
+    """A finding needs a run that has not finished."""
 
 
-def final(out: Path, seeds: int, name: str) -> list[float]:
-    return [load(out, f"seed{s}/{name}")[-1]["val_loss"] for s in range(1, seeds + 1)]
+class Runs:
+    """The metrics of the runs in OUT that finished (`finished`: their names; None: all)."""
+
+    def __init__(self, out: Path, finished=None):
+        self.out, self.finished = out, finished
+
+    def load(self, name: str) -> list[dict]:
+        if self.finished is not None and name not in self.finished:
+            raise Pending(name)
+        return [json.loads(line) for line in (self.out / f"{name}.jsonl").read_text().splitlines()]
+
+    def final(self, seeds: int, name: str) -> list[float]:
+        return [self.load(f"seed{s}/{name}")[-1]["val_loss"] for s in range(1, seeds + 1)]
 
 
 def ordered(better: list[float], worse: list[float]) -> tuple[bool, str]:
@@ -232,17 +245,26 @@ def ordered(better: list[float], worse: list[float]) -> tuple[bool, str]:
     return wins == n, f"{'' if wins else 'the opposite '}in all {n} seeds ({sizes})"
 
 
-def findings(out: Path, config: dict) -> list[dict]:
-    c, seeds, last = config, config["seeds"], config["points"]
-    mean = statistics.fmean
-    found = []
-    interp_early, stack_early = final(out, seeds, "depth-interposition-p1"), final(out, seeds, "depth-stack-p1")
-    interp_late, stack_late = (final(out, seeds, f"depth-interposition-p{last}"),
-                               final(out, seeds, f"depth-stack-p{last}"))
+def findings(out: Path, config: dict, finished=None) -> tuple[list[dict], list[str]]:
+    """The findings whose runs have all finished, and the names of those still pending."""
+    runs_ = Runs(out, finished)
+    found, pending = [], []
+    for name, finding in FINDINGS.items():
+        try:
+            found.append({"name": name, **finding(runs_, config)})
+        except Pending:
+            pending.append(name)
+    return found, pending
+
+
+def _depth_methods(runs_: Runs, c: dict) -> dict:
+    seeds, last, mean = c["seeds"], c["points"], statistics.fmean
+    interp_early, stack_early = runs_.final(seeds, "depth-interposition-p1"), runs_.final(seeds, "depth-stack-p1")
+    interp_late, stack_late = (runs_.final(seeds, f"depth-interposition-p{last}"),
+                               runs_.final(seeds, f"depth-stack-p{last}"))
     ok, how = ordered(interp_late, stack_late)
-    chinchilla = base_compute_over_chinchilla(out, c)
-    found.append({
-        "name": "interposition vs stack",
+    chinchilla = base_compute_over_chinchilla(c)
+    return {
         "paper": "interposition better from a converged base (about 1x Chinchilla compute and "
                  "more); stacking competitive before that",
         "ours": {"late_base": {"interposition": mean(interp_late), "stack": mean(stack_late)},
@@ -251,14 +273,17 @@ def findings(out: Path, config: dict) -> list[dict]:
         "reproduced": ok, "seeds": how,
         "note": f"the late base saw {chinchilla:.2g}x Chinchilla compute" + (
             ", below the paper's threshold" if chinchilla < 1 else ""),
-    })
-    noise = {name: final(out, seeds, f"width-{name}") for name in ("alpha0.01", "alpha0", "reinit")}
+    }
+
+
+def _noise(runs_: Runs, c: dict) -> dict:
+    seeds, mean = c["seeds"], statistics.fmean
+    noise = {name: runs_.final(seeds, f"width-{name}") for name in ("alpha0.01", "alpha0", "reinit")}
     ok_random, how_random = ordered(noise["alpha0.01"], noise["reinit"])
     ok_random = ok_random and ordered(noise["alpha0"], noise["reinit"])[0]
     ok_alpha, how = ordered(noise["alpha0.01"], noise["alpha0"])
-    stats = {name: load(out, f"seed1/width-{name}")[-1] for name in noise}
-    found.append({
-        "name": "noise on expert copies",
+    stats = {name: runs_.load(f"seed1/width-{name}")[-1] for name in noise}
+    return {
         "paper": "alpha 0.01 about 1 point better downstream than alpha 0; re-initialised experts far worse",
         "ours": {name: mean(v) for name, v in noise.items()} | {
             "copy_router_cosine": {n: s.get("copy_router_cosine") for n, s in stats.items()},
@@ -267,44 +292,56 @@ def findings(out: Path, config: dict) -> list[dict]:
         "seeds": f"alpha 0.01 < random: {how_random}; alpha 0.01 < alpha 0: {how}",
         "note": "with alpha 0 the copies and their router rows get the same gradients as their "
                 "originals and stay identical (router cosine 1); the noise is what lets them diverge",
-    })
+    }
+
+
+def _versus_scratch(runs_: Runs, c: dict) -> dict:
+    seeds, last, mean = c["seeds"], c["points"], statistics.fmean
     gains = {}
     for name, grown_name in (("depth", f"depth-interposition-p{last}"), ("width", "width-alpha0.01"),
                              ("depth-width", "depth-width")):
-        grown_loss, scratch_loss = final(out, seeds, grown_name), final(out, seeds, f"scratch-{name}")
+        grown_loss, scratch_loss = runs_.final(seeds, grown_name), runs_.final(seeds, f"scratch-{name}")
         gains[name] = {"grown": mean(grown_loss), "scratch": mean(scratch_loss),
                        "relative_gain": (mean(scratch_loss) - mean(grown_loss)) / mean(scratch_loss),
                        "beats_scratch": ordered(grown_loss, scratch_loss)[0],
-                       "extra_train_flops": extra_flops(out, c, name)}
-    found.append({
-        "name": "grown vs scratch at equal extra compute",
+                       "extra_train_flops": extra_flops(c, name)}
+    return {
         "paper": "+10.66% relative downstream accuracy at 70B over training from scratch with the "
                  "same extra compute",
         "ours": gains, "reproduced": all(g["beats_scratch"] for g in gains.values()),
         "note": "relative_gain is in validation loss (nats/byte); each pair trains the same grown "
                 "architecture for the same steps, so the same FLOPs (extra_train_flops)",
-    })
-    sunk_seeds = [final(out, seeds, "scratch-depth")] + [
-        final(out, seeds, f"depth-interposition-p{p}") for p in range(1, last + 1)]
+    }
+
+
+def _sunk_cost(runs_: Runs, c: dict) -> dict:
+    seeds, last, mean = c["seeds"], c["points"], statistics.fmean
+    sunk_seeds = [runs_.final(seeds, "scratch-depth")] + [
+        runs_.final(seeds, f"depth-interposition-p{p}") for p in range(1, last + 1)]
     sunk = [mean(losses) for losses in sunk_seeds]
     points = [0] + [p * c["base_iters"] // last for p in range(1, last + 1)]
-    found.append({
-        "name": "sunk cost",
+    return {
         "paper": "average accuracy 38.79 -> 48.99 as the base goes from 0k to 88k steps",
         "ours": {"base_steps": points, "final_loss": sunk},
         "reproduced": all(ordered(later, earlier)[0] for earlier, later in zip(sunk_seeds, sunk_seeds[1:])),
         "note": "final validation loss after the same extra steps, by the base's steps (0: scratch)",
-    })
-    copy_, reset = final(out, seeds, "depth-width"), final(out, seeds, "depth-width-optimizer-reset")
+    }
+
+
+def _optimizer_state(runs_: Runs, c: dict) -> dict:
+    copy_, reset = runs_.final(c["seeds"], "depth-width"), runs_.final(c["seeds"], "depth-width-optimizer-reset")
     ok, how = ordered(copy_, reset)
-    found.append({
-        "name": "optimizer state after growth",
+    return {
         "paper": "resets the optimizer (no comparison)",
-        "ours": {"copy": mean(copy_), "reset": mean(reset)},
+        "ours": {"copy": statistics.fmean(copy_), "reset": statistics.fmean(reset)},
         "reproduced": None, "seeds": f"copy < reset: {how}",
         "note": "not a claim of the paper; what carrying the Adam state does here",
-    })
-    return found
+    }
+
+
+FINDINGS = {"interposition vs stack": _depth_methods, "noise on expert copies": _noise,
+            "grown vs scratch at equal extra compute": _versus_scratch, "sunk cost": _sunk_cost,
+            "optimizer state after growth": _optimizer_state}
 
 
 def train_flops_per_step(config: dict, layers: int, experts: int, topk: int) -> float:
@@ -316,14 +353,14 @@ def train_flops_per_step(config: dict, layers: int, experts: int, topk: int) -> 
     return (6 * active + 12 * layers * s * h) * s * config["global_batch"]
 
 
-def extra_flops(out: Path, config: dict, name: str) -> float:
+def extra_flops(config: dict, name: str) -> float:
     c = config
     layers = 2 * c["layers"] if "depth" in name else c["layers"]
     experts, topk = (2 * c["experts"], 2 * c["topk"]) if "width" in name else (c["experts"], c["topk"])
     return train_flops_per_step(c, layers, experts, topk) * c["extra_iters"]
 
 
-def base_compute_over_chinchilla(out: Path, config: dict) -> float:
+def base_compute_over_chinchilla(config: dict) -> float:
     """The late base's training compute over 6 N (20 N) (N: its parameters)."""
     c = config
     h = c["hidden"]
@@ -365,7 +402,7 @@ def plots(out: Path, config: dict, found: list[dict]) -> list[Path]:
     def curves(path: Path, title: str, names: dict):
         fig, ax = plt.subplots(figsize=(7, 4))
         for label, name in names.items():
-            records = [r for r in load(out, f"seed1/{name}") if "val_loss" in r]
+            records = [r for r in Runs(out).load(f"seed1/{name}") if "val_loss" in r]
             ax.plot([r["iteration"] for r in records], [r["val_loss"] for r in records], "o-", ms=2, label=label)
         ax.set_xlabel("iteration (seed 1)")
         ax.set_ylabel("validation loss (nats/byte)")
@@ -442,29 +479,66 @@ def main(argv=None) -> dict:
     if args.worker is not None:
         worker(args.worker, config)
         return {}
+    require_plotting()  # before any compute: the plots come last
     start, previous = time.time(), out / "results.json"
     if args.report_only:
         if not previous.is_file():
             raise SystemExit(f"--report-only: no runs in {out} (no results.json); run without it first")
-        wall_seconds = json.loads(previous.read_text())["wall_seconds"]  # of the training
+        recorded = json.loads(previous.read_text())
+        wall_seconds = recorded["wall_seconds"]  # of the training
+        finished = recorded.get("finished_runs", [name for name, _, _ in runs(config)])
     else:
         out.mkdir(parents=True, exist_ok=True)
         print(f"[findings] {len(runs(config))} runs on {args.nproc} ranks into {out} "
               f"({'quick' if args.quick else 'default'} setting)", flush=True)
-        launch(args, out)
+        finished = []
+
+        def finished_one(name: str) -> None:  # results.json after every run: nothing is lost
+            finished.append(name)
+            write_results(out, config, finished, round(time.time() - start, 1))
+
+        launch(args, out, finished_one)
         wall_seconds = round(time.time() - start, 1)
-    found = findings(out, config)
-    images = plots(out, config, found)
-    results = {"findings": found, "config": config, "wall_seconds": wall_seconds,
-               "plots": [p.name for p in images]}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = write_results(out, config, finished, wall_seconds)
+    found = results["findings"]
+    images = []
+    if not results["pending"]:
+        images = plots(out, config, found)
+        results = write_results(out, config, finished, wall_seconds, images)
     print("\n" + table(found))
-    print(f"\n[findings] {results['wall_seconds']:.0f} s; wrote {out / 'results.json'} and "
-          f"{', '.join(p.name for p in images)}")
+    if results["pending"]:
+        print(f"\n[findings] partial: {len(finished)} of {results['runs']} runs finished; pending: "
+              f"{', '.join(results['pending'])} (no plots); wrote {out / 'results.json'}")
+    else:
+        print(f"\n[findings] {results['wall_seconds']:.0f} s; wrote {out / 'results.json'} and "
+              f"{', '.join(p.name for p in images)}")
     return results
 
 
-def launch(args, out: Path) -> None:
+def require_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("paper_findings.py: matplotlib is not installed and the plots need it; install it "
+              "(pip install -r requirements/common.txt) and run again", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def write_results(out: Path, config: dict, finished: list[str], wall_seconds: float,
+                  images: list[Path] = ()) -> dict:
+    """OUT/results.json from the runs that finished, written whole (a new file renamed over it)."""
+    found, pending = findings(out, config, set(finished))
+    results = {"findings": found, "pending": pending, "config": config, "wall_seconds": wall_seconds,
+               "runs": len(runs(config)), "finished_runs": list(finished),
+               "plots": [p.name for p in images]}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
+    return results
+
+
+def launch(args, out: Path, finished_one) -> None:
+    """The runs in one torchrun; `finished_one(name)` after each."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -481,8 +555,10 @@ def launch(args, out: Path) -> None:
             log.write(line)
             if line.startswith("[findings]"):
                 print(line.rstrip(), flush=True)
+                finished_one(line.split()[2].rstrip(":"))
     if proc.returncode:
-        raise SystemExit(f"the runs failed (rc {proc.returncode}); see {out / 'runs.log'}")
+        raise SystemExit(f"the runs failed (rc {proc.returncode}); see {out / 'runs.log'}; the "
+                         f"runs that finished are in {out / 'results.json'} (--report-only reports them)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
 from . import indexing, ops, policy
+from .errors import CheckpointError
 from .io.checkpoint import CheckpointInfo
 from .io.reader import read_boxes
 from .mapping import Box, Fill, map_object, map_shard
@@ -102,7 +103,12 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
                 return {}
             return super(GrowthLoadStrategy, self).load(request, checkpoint_dir, *args, **kwargs)
 
-        return execute(work, self.plan, read, lambda request: read_boxes(checkpoint_dir, request))
+        try:
+            loaded = execute(work, self.plan, read, lambda request: read_boxes(checkpoint_dir, request))
+        except CheckpointError as e:  # a non-finite grown shard: every rank stops, none waits
+            loaded, error = None, e
+        _raise_if_any_rank_failed(error)
+        return loaded
 
 
 def grow_state_dict(plan: GrowthPlan, source: CheckpointInfo, sharded_state_dict, read: Reader,
@@ -206,7 +212,10 @@ def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader):
     def fill(item: tuple[ShardedTensor, Fill]) -> None:  # targets are disjoint: thread-safe
         sh, how = item
         source = None if how.source is None else ops.box_view(buffers, how.source)
-        ops.fill_shard(_local(sh), how, source, sigmas.__getitem__, width.noise_alpha, width.seed)
+        try:
+            ops.fill_shard(_local(sh), how, source, sigmas.__getitem__, width.noise_alpha, width.seed)
+        except ops.NotFinite as e:
+            raise _not_finite(sh, how, e.overflow, width.noise_alpha) from None
 
     ops.parallel(fill, [item for item in work.fills if id(item[0]) not in work.late])
     ops.parallel(fill, [item for item in work.fills if id(item[0]) in work.late])
@@ -214,6 +223,22 @@ def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader):
     results.update({id(sh): loaded[name] for name, sh in work.passthrough})
     results.update({id(sh): loaded[name] for sh, name in work.objects})
     return dict_list_map_outplace(lambda v: results.get(id(v), v), work.sharded_state_dict)
+
+
+def _not_finite(sh: ShardedTensor, how: Fill, overflow: bool, alpha: float) -> CheckpointError:
+    """Which tensor, layer and experts of a grown shard are not finite, and what to do."""
+    target, where = _local(sh), f"tensor {sh.key!r} at {tuple(sh.global_offset)}"
+    if how.noise is not None:
+        bad = [expert for expert, row in how.noise.experts
+               if not torch.isfinite(target if row < 0 else target[row]).all()]
+        where += f" (layer {how.noise.layer}, expert {', '.join(map(str, bad))})"
+    if overflow:
+        return CheckpointError(
+            f"{where}: growth would write Inf/NaN: the noise pushed values near the edge of "
+            f"{target.dtype}'s range out of it; grow with a lower --grow-noise-alpha (now {alpha:g}) "
+            "or from an fp32/bf16 copy of the source")
+    return CheckpointError(f"{where}: the source values it grows from are not finite (Inf/NaN); "
+                           "growth refuses to spread them: fix the source checkpoint")
 
 
 def _sigma_units(fills) -> set[Box]:

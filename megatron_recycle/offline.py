@@ -11,8 +11,10 @@
    are independent: `--workers N` processes, or the ranks of a torch.distributed job
    (torchrun / srun, gloo), share them.
 4. Commit: once every batch file is durable, one `.metadata` over all batches, the common
-   state (grown args, provenance), `metadata.json` and last the tracker file are written,
-   and the staging directory is renamed to the destination.
+   state (grown args, provenance), `metadata.json` and last the tracker file are written;
+   the source is checked to be what it was when the grow started (`io/snapshot.py`: every
+   rank after its last read, rank 0 again here), and the staging directory is renamed to the
+   destination.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from . import __version__, hybrid, policy, upcycling
 from .cost import human
 from .distributed import Job
 from .errors import GrowthError
-from .io.checkpoint import TRACKER_FILE, CheckpointInfo
+from .io.checkpoint import TRACKER_FILE, CheckpointInfo, resolve
 from .io.destination import Destination, tree_bytes
+from .io.snapshot import SourceSnapshot
 from .manifest import Batch, batches, keeps_optimizer, target_objects, target_pieces
 from .options import Growth
 from .plan import GrowthPlan
@@ -171,6 +174,7 @@ def grow(
     same arguments and grows its share of the batches; rank 0 holds the destination's lock,
     writes the metadata and commits."""
     start = time.monotonic()
+    pinned = SourceSnapshot.take(resolve(source, step))  # before anything is read from it
     info = CheckpointInfo.read(source, step)
     tracker = tracker_text(info)
     plan = growth.plan(info.architecture())
@@ -178,7 +182,10 @@ def grow(
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
     if workers < 1:
         raise GrowthError(f"--workers must be >= 1, got {workers}")
-    destination = Destination(dest, overwrite)
+    job = Job.current()
+    log = log if job.rank == 0 else (lambda s: None)
+    destination = Destination(dest, overwrite, parts=(TRACKER_FILE, info.path.name),
+                              log=lambda s: log(f"grow: {s}"))
     destination.check_overlap(info.path)
     plan.require_growth()  # after the destination's checks, which say more about a mistyped --save
 
@@ -194,8 +201,6 @@ def grow(
     objects = target_objects(info, plan, keep_optimizer)
     work = batches(pieces, objects, batch_bytes)
     total = sum(b.nbytes for b in work)
-    job = Job.current()
-    log = log if job.rank == 0 else (lambda s: None)
 
     def open_staging() -> Path:
         stack.enter_context(destination)
@@ -207,6 +212,8 @@ def grow(
             log(f"grow: note: {len(stale)} staging director{'y' if len(stale) == 1 else 'ies'} of "
                 f"interrupted runs beside {destination.given} ({', '.join(p.name for p in stale)}; "
                 f"{size}); remove them with --remove-stale-staging")
+        for note in destination.moved_aside_notes():
+            log(f"grow: note: {note}")
         destination.check_space(total)
         (destination.staging / info.path.name).mkdir()
         return destination.staging
@@ -219,6 +226,7 @@ def grow(
                (info.path / "metadata.json").read_bytes(), common_number=len(work))
         (staging / TRACKER_FILE).write_text(tracker)  # last: only now is it a checkpoint
         fsync(staging / TRACKER_FILE)
+        pinned.check()  # after every rank's last read
         destination.commit()
 
     with contextlib.ExitStack() as stack:  # on rank 0: the destination's lock and staging
@@ -230,8 +238,13 @@ def grow(
             f"{job.world} rank(s) x {workers} process(es)")
         mine = [b for b in work if b.number % job.world == job.rank]
         workers = _processes(workers, len(mine), log)
-        per_rank = job.on_every_rank(lambda: _execute(
-            mine, (info, out_dir, plan, optimizer), workers, start, log))
+
+        def grow_mine() -> dict:
+            results = _execute(mine, (info, out_dir, plan, optimizer), workers, start, log)
+            pinned.check()  # what this rank read (its window overlaps every other rank's)
+            return results
+
+        per_rank = job.on_every_rank(grow_mine)
         job.on_rank0(commit)
     for note in notes:
         log(f"grow: note: {note}")

@@ -107,6 +107,16 @@ def add_unit_noise(out: torch.Tensor, scale: float, seed: int, name: str, layer:
     out += full.view(unit_shape)[box(offset, out.shape)]
 
 
+class NotFinite(Exception):
+    """A shard that growth changed holds Inf/NaN. `overflow`: its fp32 values were finite and
+    their cast to the target's narrower dtype (fp16 near its range, plus noise) was not;
+    otherwise the values read were not finite."""
+
+    def __init__(self, overflow: bool):
+        super().__init__(overflow)
+        self.overflow = overflow
+
+
 def fill_shard(
     target: torch.Tensor,
     fill: Fill,
@@ -115,7 +125,8 @@ def fill_shard(
     alpha: float,
     seed: int,
 ) -> None:
-    """Write one grown shard into `target` (any dtype, any device) in place."""
+    """Write one grown shard into `target` (any dtype, any device) in place. Raises NotFinite
+    where a shard it changes (scaled, noised) is not finite: growth never writes Inf/NaN."""
     if fill.zero:
         target.zero_()
         return
@@ -136,6 +147,8 @@ def fill_shard(
         _add_noise(out, fill.noise, sigma_of, alpha, seed)
     if not in_place:
         target.copy_(out)
+    if not torch.isfinite(target).all():
+        raise NotFinite(overflow=not in_place and bool(torch.isfinite(out).all()))
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:

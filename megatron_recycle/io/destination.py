@@ -6,72 +6,116 @@
   tracker file until it is complete).
 - Lock: an exclusive `flock` on `.NAME.megatron-recycle.lock` beside the destination, held for
   the whole run, so two grows into one destination cannot both succeed.
-- Replace: only with `--overwrite`, and only a directory that is a Megatron checkpoint root
-  (tracker file naming an existing iteration directory); the destination is checked again
-  right before the rename, which must find it as it was at the start. The old checkpoint is
-  moved aside and removed only once the rename is durable.
+- Replace: only with `--overwrite`, and only a Megatron checkpoint root that holds nothing but
+  a checkpoint (its tracker file and the iteration directory that names, or the one the grown
+  checkpoint writes): anything else (an old run's other iterations, tensorboard/, notes) is
+  named and the grow refused, before anything is written. The destination is checked again right before the rename, which must
+  find it as it was at the start. The old checkpoint is moved aside and removed only once the
+  rename is durable; an interruption between the two renames leaves it aside, marked, and the
+  next grow into that place puts it back (or names it, with the command that does).
 - `--save` a symlink to a directory: the checkpoint replaces the directory it points to (the
   link keeps working); a dangling link is refused.
 - Staging directories that interrupted runs left (kill -9) are reported, and removed with
-  `--remove-stale-staging`: only directories holding our marker, and only while we hold the
-  lock, so none of them can belong to a live run.
+  `--remove-stale-staging`: only directories holding our marker, never an old checkpoint that
+  was moved aside, and only while we hold the lock, so none of them can belong to a live run.
+- Names beside the destination (`.NAME.partial-*`, `.NAME.replaced-*`, the lock) stay within
+  NAME_MAX for any legal NAME: a long one is shortened to a prefix and a hash of it.
 - Free space: the output size is known before anything is written, and checked.
+- Parent directories of `--save` that a failed run created are removed again.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from ..cost import human
 from ..errors import CheckpointError, GrowthError
-from .checkpoint import is_checkpoint_root
+from .checkpoint import TRACKER_FILE, is_checkpoint_root, read_tracker
 from .writer import fsync
 
 MARKER = ".megatron-recycle-staging"
 _MARGIN_BYTES = 64 << 20  # .metadata, common state and file-system slack
+_OLD = "old"  # the replaced checkpoint's name inside its `.NAME.replaced-*` directory
+# The marker's "state": a staging directory being written; an old checkpoint moved aside while
+# the new one is not yet in place (never removed by us); one the new checkpoint has replaced.
+PARTIAL, MOVED_ASIDE, REPLACED = "partial", "moved aside", "replaced"
+_LONGEST_SUFFIX = len(".megatron-recycle.lock") + 1  # and the leading dot
 
 
 class Destination:
     """The root a grown checkpoint goes to. Use as a context manager around the writing:
-    `staging` is where to write; `commit()` makes it the destination."""
+    `staging` is where to write; `commit()` makes it the destination.
 
-    def __init__(self, save: str | os.PathLike, overwrite: bool, flag: str = "--save"):
-        self.flag, self.overwrite = flag, overwrite
+    `parts`: the entries of the root the grown checkpoint consists of (tracker file, iteration
+    directory); an old checkpoint may hold nothing but those and the iteration its tracker
+    names for `--overwrite` to replace it."""
+
+    def __init__(self, save: str | os.PathLike, overwrite: bool, parts: Sequence[str] = (),
+                 flag: str = "--save", log: Callable[[str], None] = lambda s: None):
+        self.flag, self.overwrite, self.log = flag, overwrite, log
+        self.parts = frozenset(parts) | {MARKER}  # a marker a commit cut short did not unlink
         given = Path(save)
-        if given.is_symlink():
-            if not given.exists():
-                raise GrowthError(f"{flag} {given} is a symlink to {os.readlink(given)}, which "
-                                  "does not exist; remove the link or create its target")
-            if not given.resolve().is_dir():
-                raise GrowthError(f"{flag} {given} is a symlink to a file, not a directory")
         self.given = given
         self.path = Path(os.path.realpath(given))  # where the checkpoint lands
-        if self.path.exists():
-            if not self.path.is_dir():
-                raise GrowthError(f"{flag} {given} exists and is not a directory; pick a new path")
-            if not overwrite:
-                raise GrowthError(f"{flag} {given} already exists; pick a new directory or pass "
-                                  "--overwrite to replace the checkpoint in it")
-            if not is_checkpoint_root(self.path):
-                raise GrowthError(
-                    f"{flag} {given} exists and is not a Megatron checkpoint root (no "
-                    "latest_checkpointed_iteration.txt naming an existing iteration): "
-                    "--overwrite only replaces a checkpoint; pick a new directory")
         self.parent = self.path.parent
-        self._identity = _identity(self.path)
+        self._stem = _short_name(self.path.name)
         self._lock_fd: Optional[int] = None
+        self._created: list[Path] = []  # parent directories this run made
         self.staging: Optional[Path] = None
+        if given.is_symlink() and not self.path.exists() and not self._moved_aside():
+            raise GrowthError(f"{flag} {given} is a symlink to {os.readlink(given)}, which "
+                              "does not exist; remove the link or create its target")
+        if given.is_symlink() and self.path.exists() and not self.path.is_dir():
+            raise GrowthError(f"{flag} {given} is a symlink to a file, not a directory")
+        self._check_replaceable()
+        self._identity = _identity(self.path)
 
     # --- before writing ---------------------------------------------------------------------
+    def _check_replaceable(self) -> None:
+        """What is at the destination (or, moved aside by an interrupted replace, will be put
+        back there) may be replaced: only with --overwrite, only our parts of a checkpoint."""
+        moved = self._moved_aside()
+        existing = self.path if self.path.exists() else (moved[0] / _OLD if moved else None)
+        if existing is None:
+            return
+        if not existing.is_dir():
+            raise GrowthError(f"{self.flag} {self.given} exists and is not a directory; pick a new path")
+        if not self.overwrite:
+            if existing != self.path:
+                raise GrowthError(
+                    f"{self.flag} {self.given}: an interrupted `grow --overwrite` moved the old "
+                    f"checkpoint to {existing} and did not finish; put it back with "
+                    f"{_restore_command(existing, self.path)} (or pass --overwrite: it is put back, "
+                    "then replaced)")
+            raise GrowthError(f"{self.flag} {self.given} already exists; pick a new directory or pass "
+                              "--overwrite to replace the checkpoint in it")
+        if not is_checkpoint_root(existing):
+            raise GrowthError(
+                f"{self.flag} {self.given} exists and is not a Megatron checkpoint root (no "
+                f"{TRACKER_FILE} naming an existing iteration): --overwrite only replaces a "
+                "checkpoint; pick a new directory")
+        current = read_tracker(existing, self.flag).name
+        foreign = _entries(existing) - self.parts - {current}
+        if foreign:
+            named = ", ".join(n + ("/" if (existing / n).is_dir() else "") for n in sorted(foreign)[:8])
+            more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+            raise GrowthError(
+                f"{self.flag} {self.given} also holds {named}{more}: --overwrite replaces a "
+                f"checkpoint ({TRACKER_FILE} and the iteration it names, {current}/) and nothing "
+                "else (an old run's other iterations beside the grown one would load into the "
+                "grown model); move them out or pick a new directory")
+
     def check_overlap(self, source: Path) -> None:
         """Refuse a destination inside the source's root, or the other way round."""
         source_dir = Path(os.path.realpath(source))
@@ -82,15 +126,39 @@ class Destination:
 
     def __enter__(self) -> "Destination":
         try:
-            self.parent.mkdir(parents=True, exist_ok=True)
+            self._make_parents()
             self._lock()
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.parent))
-            (self.staging / MARKER).write_text(json.dumps(_owner(self.path)))
+            self._put_back_moved_aside()
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self._stem}.partial-", dir=self.parent))
+            _mark(self.staging, PARTIAL, self.path)
         except OSError as e:
-            self._release()
+            self.__exit__()
             raise CheckpointError(f"{self.flag} {self.given}: cannot write in {self.parent} "
                                   f"({e.strerror or e}); pick a writable directory") from None
+        except BaseException:
+            self.__exit__()
+            raise
         return self
+
+    def _make_parents(self) -> None:
+        missing = [p for p in (self.parent, *self.parent.parents) if not p.exists()]
+        for path in reversed(missing):
+            path.mkdir()
+            self._created.append(path)
+
+    def _put_back_moved_aside(self) -> None:
+        """An interrupted replace left the old checkpoint aside and nothing in its place: put
+        it back (we hold the lock, so no live run is between its two renames)."""
+        moved = self._moved_aside()
+        if not moved or os.path.lexists(self.path):
+            return
+        os.rename(moved[0] / _OLD, self.path)
+        fsync(self.parent)
+        shutil.rmtree(moved[0])
+        self.log(f"put the old checkpoint back at {self.given}: an interrupted --overwrite had "
+                 f"moved it to {moved[0] / _OLD}")
+        self._identity = _identity(self.path)
+        self._check_replaceable()
 
     def check_space(self, nbytes: int) -> None:
         free = shutil.disk_usage(self.parent).free
@@ -99,12 +167,36 @@ class Destination:
                 f"{self.flag} {self.given}: the grown checkpoint needs {human(nbytes, 'B')} but "
                 f"{self.parent} has {human(free, 'B')} free; free space or pick another file system")
 
+    def _beside(self) -> list[tuple[Path, Optional[str]]]:
+        """Our staging and moved-aside directories beside the destination, with their state."""
+        if not self.parent.is_dir():
+            return []
+        prefixes = (f".{self._stem}.partial-", f".{self._stem}.replaced-")
+        found = []
+        for p in sorted(self.parent.iterdir()):
+            if p.name.startswith(prefixes) and p != self.staging and (p / MARKER).is_file():
+                found.append((p, _state(p)))
+        return found
+
+    def _moved_aside(self) -> list[Path]:
+        """Old checkpoints an interrupted replace moved aside (never removed by us)."""
+        return [p for p, state in self._beside()
+                if p.name.startswith(f".{self._stem}.replaced-") and state != REPLACED
+                and (p / _OLD).is_dir()]
+
     def stale_staging(self) -> list[Path]:
         """Staging directories of earlier runs into this destination (ours: marked; not live:
-        we hold the lock)."""
-        prefixes = (f".{self.path.name}.partial-", f".{self.path.name}.replaced-")
-        return sorted(p for p in self.parent.iterdir()
-                      if p.name.startswith(prefixes) and p != self.staging and (p / MARKER).is_file())
+        we hold the lock); not the old checkpoints of `moved_aside_notes`."""
+        kept = set(self._moved_aside())
+        return [p for p, _ in self._beside() if p not in kept]
+
+    def moved_aside_notes(self) -> list[str]:
+        """One line per old checkpoint an interrupted replace moved aside, with its commands."""
+        return [f"{p / _OLD} is the checkpoint an interrupted `grow --overwrite` replaced "
+                f"(kept; --remove-stale-staging never removes it): remove it with "
+                f"rm -r {shlex.quote(str(p))}, or put it back with "
+                f"mv {shlex.quote(str(self.given))} {shlex.quote(str(self.given) + '.grown')} && "
+                f"{_restore_command(p / _OLD, self.given)}" for p in self._moved_aside()]
 
     def remove_stale_staging(self, log: Callable[[str], None]) -> None:
         for path in self.stale_staging():
@@ -115,24 +207,29 @@ class Destination:
     # --- making it the destination --------------------------------------------------------------
     def commit(self) -> None:
         """Rename the finished staging directory to the destination; an old checkpoint there
-        is moved aside first and removed once the rename is durable."""
+        is moved aside first (marked, so that an interruption before the second rename leaves
+        it recoverable) and removed once the rename is durable."""
         os.chmod(self.staging, 0o777 & ~_umask())  # mkdtemp made it private while it was partial
         fsync(self.staging)
         if _identity(self.path) != self._identity:
             raise GrowthError(
-                f"{self.flag} {self.given} changed while growing (created, replaced or removed "
-                "by something else); nothing was replaced. Check it and run again")
+                f"{self.flag} {self.given} changed while growing (created, replaced, removed or "
+                "written into by something else); nothing was replaced. Check it and run again")
         aside = None
         if self._identity is not None:
-            aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-", dir=self.parent))
-            (aside / MARKER).write_text(json.dumps(_owner(self.path)))
-            os.rename(self.path, aside / "old")
+            aside = Path(tempfile.mkdtemp(prefix=f".{self._stem}.replaced-", dir=self.parent))
+            _mark(aside, MOVED_ASIDE, self.path)
+            fsync(self.parent)
+            os.rename(self.path, aside / _OLD)
         os.rename(self.staging, self.path)
         fsync(self.parent)
-        (self.path / MARKER).unlink()
         self.staging = None
         if aside is not None:
+            _mark(aside, REPLACED, self.path)  # from now on it is ours to remove
+        (self.path / MARKER).unlink()
+        if aside is not None:
             shutil.rmtree(aside)
+        self._created = []
 
     def __exit__(self, *exc) -> None:
         try:
@@ -141,11 +238,17 @@ class Destination:
                 self.staging = None
         finally:
             self._release()
+            for path in reversed(self._created):  # only if still empty: never what others put there
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
+            self._created = []
 
     # --- the lock -----------------------------------------------------------------------
     @property
     def lock_path(self) -> Path:
-        return self.parent / f".{self.path.name}.megatron-recycle.lock"
+        return self.parent / f".{self._stem}.megatron-recycle.lock"
 
     def _lock(self) -> None:
         while True:
@@ -177,16 +280,53 @@ class Destination:
             self._lock_fd = None
 
 
+def _short_name(name: str) -> str:
+    """`name`, or a prefix of it and a hash of all of it where `.NAME` plus our longest suffix
+    would pass NAME_MAX (255 bytes)."""
+    raw = os.fsencode(name)
+    if len(raw) + _LONGEST_SUFFIX <= 255:
+        return name
+    return os.fsdecode(raw[:120]) + "~" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _entries(path: Path) -> set[str]:
+    return set(os.listdir(path))
+
+
+def _restore_command(moved: Path, path: Path) -> str:
+    return f"mv {shlex.quote(str(moved))} {shlex.quote(str(path))} && rm -r {shlex.quote(str(moved.parent))}"
+
+
+def _mark(directory: Path, state: str, destination: Path) -> None:
+    """Write our marker into `directory`, durably, replacing an earlier one whole."""
+    tmp = directory / (MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(dict(_owner(destination), state=state)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MARKER)
+    fsync(directory)
+
+
+def _state(directory: Path) -> Optional[str]:
+    """The marker's state; None when it records none (written by an earlier version: treated
+    like MOVED_ASIDE, so an old checkpoint is kept)."""
+    try:
+        return json.loads((directory / MARKER).read_text()).get("state")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _identity(path: Path) -> Optional[tuple]:
     """What must not change between the start and the rename: absent, or the same directory
-    holding the same tracker file."""
+    holding the same entries and the same tracker file."""
     try:
         st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    tracker = path / "latest_checkpointed_iteration.txt"
+    tracker = path / TRACKER_FILE
     tracked = os.stat(tracker).st_mtime_ns if tracker.exists() else None
-    return st.st_dev, st.st_ino, tracked
+    return st.st_dev, st.st_ino, tracked, tuple(sorted(_entries(path)))
 
 
 def _same_file(fd: int, path: Path) -> bool:
