@@ -23,8 +23,8 @@ import io
 import itertools
 import math
 import os
+import secrets
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -279,6 +279,7 @@ def _plot(plt, profile: NormProfile, title: str, f) -> None:
                     alpha=0.2, label="lowest to highest expert")
     ax.plot(x, [layer.norm for layer in layers], "o-", label="mean over experts")
     ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("weight norm / sqrt(numel)")
     ax.set_title(title or "Per-layer expert weight norms")
     ax.grid(True, linestyle="--", linewidth=0.5)
@@ -289,9 +290,9 @@ def _plot(plt, profile: NormProfile, title: str, f) -> None:
 
 
 def _atomic(path: Path, fill: Callable) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"  # the umask's mode, unlike mkstemp
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             fill(f)
             f.flush()
             os.fsync(f.fileno())
@@ -307,12 +308,12 @@ def table(profile: NormProfile) -> str:
     lines = [f"{'layer':>5}  {'kind':5}  {'experts':>7}  {'norm':>10}  {'lowest':>10}  {'highest':>10}"]
     lines += [f"{x.layer:>5}  {x.kind:5}  {x.experts:>7}  {x.norm:10.6f}  {x.lowest:10.6f}  {x.highest:10.6f}"
               for x in profile.layers()]
-    lines.append(describe_shape(s))
+    lines.append(f"profile: {describe_shape(s)}")
     return "\n".join(lines)
 
 
 def describe_shape(s: dict) -> str:
     if s["rise"] is None:
-        return f"profile: {s['shape']} ({s['why']})"
-    return (f"profile: {s['shape']} (deeper half {s['rise']:+.1%} over the shallower half, "
-            f"rank correlation with depth {s['spearman']:+.2f})")
+        return f"{s['shape']} ({s['why']})"
+    return (f"{s['shape']}: deeper half {s['rise']:+.1%} over the shallower half, "
+            f"rank correlation with depth {s['spearman']:+.2f}")
