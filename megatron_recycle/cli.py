@@ -99,6 +99,7 @@ def _norms(args) -> int:
     from . import norms
     from .io.checkpoint import CheckpointInfo
 
+    norms.check_out(args.out)
     info = CheckpointInfo.read(args.checkpoint, args.ckpt_step, "CKPT")
     profile = norms.checkpoint_norms(info, _batch_bytes(args))
     result = norms.write(profile, args.out, title=f"{info.path.name}: per-layer expert weight norms")

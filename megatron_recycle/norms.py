@@ -242,9 +242,7 @@ def layer_rows(profile: NormProfile) -> list[dict]:
 def write(profile: NormProfile, out: Path, title: str = "") -> dict:
     """The CSVs always; the PNG when matplotlib is importable. Each file is written under a
     temporary name and renamed into place. Returns what was written and what was not."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GrowthError(f"--out {out}: exists and is not a directory; name a directory")
+    out = check_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = [_atomic(out / EXPERT_CSV, lambda f: _csv(f, expert_rows(profile))),
@@ -261,6 +259,14 @@ def write(profile: NormProfile, out: Path, title: str = "") -> dict:
                                             "(pip install matplotlib for the plot)"}
     written.append(_atomic(out / PLOT, lambda f: _plot(plt, profile, title, f)))
     return {"written": written, "plot": None}
+
+
+def check_out(out) -> Path:
+    """`--out`, refused before anything is read if it cannot be the output directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GrowthError(f"--out {out}: exists and is not a directory; name a directory")
+    return out
 
 
 def _csv(f, rows: list[dict]) -> None:
