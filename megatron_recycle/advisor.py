@@ -102,6 +102,8 @@ def advise(info, profile: Optional[norms.NormProfile] = None, profile_missing: s
            "plan": [], "paper": PAPER}
     if compute["missing"]:
         why.append("cannot say without " + "; ".join(compute["missing"]))
+        if shape["shape"] is not None:
+            why.append(f"its norm profile: {norms.describe_shape(shape)}")
         return out
     ratio = compute["over_chinchilla"]
     late = ratio >= BOUNDARY
