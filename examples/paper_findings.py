@@ -37,7 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {  # --quick (README: how long on 2 CPU cores), and the default, whose late base sees
-    # about 1.2x Chinchilla compute and earliest about 0.3x: the paper's depth finding turns on that
+    # about 1.7x the Chinchilla-optimal compute of its active parameters and earliest about 0.43x
+    # (1.2x and 0.3x counting all parameters): the paper's depth finding turns on that
     "quick": dict(layers=2, hidden=32, experts=4, topk=2, seq=64, global_batch=8, micro_batch=4,
                   base_iters=360, extra_iters=180, points=4, eval_interval=30, eval_samples=32,
                   seeds=2, lr=3e-3, corpus_bytes=1_000_000),
@@ -263,7 +264,7 @@ def _depth_methods(runs_: Runs, c: dict) -> dict:
     interp_late, stack_late = (runs_.final(seeds, f"depth-interposition-p{last}"),
                                runs_.final(seeds, f"depth-stack-p{last}"))
     ok, how = ordered(interp_late, stack_late)
-    chinchilla = base_compute_over_chinchilla(c)
+    chinchilla = base_compute_over_chinchilla(runs_.out, c)
     return {
         "paper": "interposition better from a converged base (about 1x Chinchilla compute and "
                  "more); stacking competitive before that",
@@ -360,13 +361,14 @@ def extra_flops(config: dict, name: str) -> float:
     return train_flops_per_step(c, layers, experts, topk) * c["extra_iters"]
 
 
-def base_compute_over_chinchilla(config: dict) -> float:
-    """The late base's training compute over 6 N (20 N) (N: its parameters)."""
-    c = config
-    h = c["hidden"]
-    params = c["layers"] * (4 * h * h + c["experts"] * 3 * h * h + c["experts"] * h) + 2 * 256 * h
-    tokens = c["base_iters"] * c["global_batch"] * c["seq"]
-    return tokens / (20 * params)
+def base_compute_over_chinchilla(out: Path, config: dict) -> float:
+    """The late base's training compute over the Chinchilla-optimal 6 N_a (20 N_a), N_a its
+    active parameters: what `megatron-recycle plan` / `inspect` report (the growth advisor)."""
+    sys.path.insert(0, str(HERE.parent))
+    from megatron_recycle.advisor import sunk_compute
+    from megatron_recycle.io.checkpoint import CheckpointInfo
+
+    return sunk_compute(CheckpointInfo.read(out / "seed1" / "base", config["base_iters"]))["over_chinchilla"]
 
 
 # --- output ------------------------------------------------------------------------------
@@ -431,19 +433,14 @@ def plots(out: Path, config: dict, found: list[dict]) -> list[Path]:
 
 def norm_profile(out: Path, config: dict, plt) -> Path:
     """Per-layer weight norms of the late base, and of the interposed and stacked models
-    grown from it, right after growth and after their extra steps."""
+    grown from it, right after growth and after their extra steps: each expert projection's
+    norm / sqrt(numel), averaged over projections and experts, as the paper normalises them."""
     sys.path.insert(0, str(HERE.parent))
     from megatron_recycle.io.checkpoint import CheckpointInfo
-    from megatron_recycle.io.reader import box_request, read_boxes
-    from megatron_recycle.mapping import Box
+    from megatron_recycle.norms import checkpoint_norms
 
-    def layer_norms(root: Path, iteration: int) -> list[float]:
-        info = CheckpointInfo.read(root / f"iter_{iteration:07d}")
-        keys = {k: s for k, s in info.model_shapes().items() if k.startswith("decoder.layers.")}
-        tensors = read_boxes(info.path, {k: box_request(Box.whole_unit(k, s, ()), info.dtypes[k])
-                                         for k, s in keys.items()})
-        layers = next(iter(keys.values()))[0]
-        return [math.sqrt(sum(float(t[i].double().pow(2).sum()) for t in tensors.values())) for i in range(layers)]
+    def layer_norms(root: Path, iteration: int) -> list[float]:  # as `megatron-recycle norms`
+        return [layer.norm for layer in checkpoint_norms(CheckpointInfo.read(root, iteration)).layers()]
 
     last, c = config["points"], config
     start = c["base_iters"]
@@ -456,7 +453,7 @@ def norm_profile(out: Path, config: dict, plt) -> Path:
         trained = layer_norms(out / "seed1" / f"depth-{method}-p{last}", start + c["extra_iters"])
         ax.plot(range(len(trained)), trained, f"{marker}-", label=f"{method}, +{c['extra_iters']} steps")
     ax.set_xlabel("layer")
-    ax.set_ylabel("weight norm of the layer")
+    ax.set_ylabel("expert weight norm / sqrt(numel)")
     ax.set_title("Per-layer weight norms (seed 1)")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -4,6 +4,7 @@
     megatron-recycle inspect CKPT [--json]
     megatron-recycle plan    --load SRC --grow-experts 2 [--tp 2 --ep 8 --pp 4 --gpus 256]
     megatron-recycle verify  --source SRC --grown DST
+    megatron-recycle norms   CKPT --out DIR
 
 `grow` also runs as a torch.distributed job (`torchrun … -m megatron_recycle.cli grow …`): the
 ranks share the batches, rank 0 commits.
@@ -69,20 +70,53 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from . import inspection
+    from . import advisor, inspection
 
     summary = inspection.summarize(args.checkpoint, args.ckpt_step)
-    print(json.dumps(summary, indent=1, default=str) if args.json else inspection.table(summary))
+    summary["advice"] = advisor.advise_checkpoint(args.checkpoint, args.ckpt_step, "CKPT",
+                                                  read_norms=args.norms)
+    print(json.dumps(summary, indent=1, default=str) if args.json
+          else inspection.table(summary) + "\n" + advisor.table(summary["advice"]))
     return 0
 
 
 def _plan(args) -> int:
-    from . import cost
+    from . import advisor, cost
 
     layout = cost.Layout(tp=args.tp, ep=args.ep, pp=args.pp, dp=args.dp, gpus=args.gpus)
-    report = cost.plan_report(args.load, growth_from_args(args), layout, step=args.ckpt_step)
-    print(json.dumps(report, indent=1, default=str) if args.json else cost.table(report))
+    growth = growth_from_args(args)
+    report = cost.plan_report(args.load, growth, layout, step=args.ckpt_step)
+    report["advice"] = advisor.advise_checkpoint(args.load, args.ckpt_step, growth=growth,
+                                                 read_norms=args.norms)
+    print(json.dumps(report, indent=1, default=str) if args.json
+          else cost.table(report) + "\n" + advisor.table(report["advice"]))
     return 0
+
+
+def _norms(args) -> int:
+    from . import norms
+    from .io.checkpoint import CheckpointInfo
+
+    norms.check_out(args.out)
+    info = CheckpointInfo.read(args.checkpoint, args.ckpt_step, "CKPT")
+    profile = norms.checkpoint_norms(info, _batch_bytes(args))
+    result = norms.write(profile, args.out, title=f"{info.path.name}: per-layer expert weight norms")
+    if args.json:
+        print(json.dumps({"path": str(info.path), "layers": norms.layer_rows(profile),
+                          "experts": norms.expert_rows(profile), "profile": profile.shape(),
+                          "written": [str(p) for p in result["written"]]}, indent=1))
+    else:
+        print(norms.table(profile))
+        print("wrote " + ", ".join(str(p) for p in result["written"]))
+    if result["plot"]:
+        print(result["plot"], file=sys.stderr)
+    return 0
+
+
+def _advice_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--norms", action="store_true",
+                   help="read the expert weights (streaming) for the norm profile the growth "
+                        "advice weighs; without it the advice rests on the sunk compute alone")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint root or iter_XXXXXXX directory")
     p.add_argument("--ckpt-step", type=integer(0), default=None, metavar="N", help="iteration to read")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _advice_args(p)
     p.set_defaults(run=_inspect)
 
     p = sub.add_parser("plan", help="what growth will cost, before any GPU-hour is spent", allow_abbrev=False,
@@ -149,8 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=integer(1), default=None, metavar="N",
                    help="GPUs of the target job (data-parallel size = N / (tp * pp))")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _advice_args(p)
     add_growth_args(p)
     p.set_defaults(run=_plan)
+
+    p = sub.add_parser("norms", help="per-layer and per-expert weight norms (the paper's Figure 2)",
+                       description="Each expert projection's Frobenius norm / sqrt(numel) (GLU "
+                                   "gate and up apart), their mean per expert and per layer, "
+                                   "as the paper normalises them; read in batches, never the "
+                                   "whole checkpoint. Writes DIR/expert_norms.csv and "
+                                   "DIR/layer_norms.csv, and DIR/layer_norms.png where "
+                                   "matplotlib is installed.")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint root or iter_XXXXXXX directory")
+    p.add_argument("--ckpt-step", type=int, default=None, metavar="N", help="iteration to read")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the CSVs and the plot")
+    p.add_argument("--batch-size-mb", type=float, default=256, metavar="MB",
+                   help="weight bytes read per batch; memory stays a small multiple of this "
+                        "(default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_norms)
     return parser
 
 
