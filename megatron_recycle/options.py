@@ -140,7 +140,7 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--grow-topk", choices=TOPK_POLICIES, default=_WIDTH.topk,
                    help="scale: top-k becomes M*k (exact at alpha 0); keep: top-k unchanged "
                         "(default: %(default)s)")
-    g.add_argument("--grow-noise-alpha", type=float,  # range and nan: the plan's check default=_WIDTH.noise_alpha, metavar="ALPHA",
+    g.add_argument("--grow-noise-alpha", type=float, default=_WIDTH.noise_alpha, metavar="ALPHA",
                    help="expert copies get Gaussian noise of std ALPHA * std(source expert) "
                         "(default: %(default)s)")
     g.add_argument("--grow-seed", type=integer(0, 2**63 - 1), default=_WIDTH.seed,
