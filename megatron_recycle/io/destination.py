@@ -44,8 +44,14 @@ class Destination:
     """The root a grown checkpoint goes to. Use as a context manager around the writing:
     `staging` is where to write; `commit()` makes it the destination."""
 
-    def __init__(self, save: str | os.PathLike, overwrite: bool, flag: str = "--save"):
-        self.flag, self.overwrite = flag, overwrite
+    def __init__(self, save: str | os.PathLike, overwrite: bool, flag: str = "--save",
+                 replaceable: Callable[[Path], bool] = is_checkpoint_root,
+                 kind: str = "a Megatron checkpoint root (no latest_checkpointed_iteration.txt naming "
+                             "an existing iteration)",
+                 identity_file: str = "latest_checkpointed_iteration.txt"):
+        """`replaceable`, `kind`, `identity_file`: what `--overwrite` may replace, how it is
+        described, and the file whose change between start and rename means someone else wrote."""
+        self.flag, self.overwrite, self._identity_file = flag, overwrite, identity_file
         given = Path(save)
         if given.is_symlink():
             if not given.exists():
@@ -61,21 +67,20 @@ class Destination:
             if not overwrite:
                 raise GrowthError(f"{flag} {given} already exists; pick a new directory or pass "
                                   "--overwrite to replace the checkpoint in it")
-            if not is_checkpoint_root(self.path):
-                raise GrowthError(
-                    f"{flag} {given} exists and is not a Megatron checkpoint root (no "
-                    "latest_checkpointed_iteration.txt naming an existing iteration): "
-                    "--overwrite only replaces a checkpoint; pick a new directory")
+            if not replaceable(self.path):
+                raise GrowthError(f"{flag} {given} exists and is not {kind}: --overwrite only "
+                                  "replaces a checkpoint; pick a new directory")
         self.parent = self.path.parent
-        self._identity = _identity(self.path)
+        self._identity = _identity(self.path, identity_file)
         self._lock_fd: Optional[int] = None
         self.staging: Optional[Path] = None
 
     # --- before writing ---------------------------------------------------------------------
-    def check_overlap(self, source: Path) -> None:
-        """Refuse a destination inside the source's root, or the other way round."""
+    def check_overlap(self, source: Path, include_parent: bool = True) -> None:
+        """Refuse a destination inside the source's root (the parent of an iteration directory,
+        `include_parent`), or the other way round."""
         source_dir = Path(os.path.realpath(source))
-        for other in (source_dir, source_dir.parent):
+        for other in (source_dir, source_dir.parent) if include_parent else (source_dir,):
             if self.path == other or other in self.path.parents or self.path in other.parents:
                 raise GrowthError(f"{self.flag} {self.given} overlaps the source checkpoint "
                                   f"{source}; write the grown checkpoint somewhere else")
@@ -118,7 +123,7 @@ class Destination:
         is moved aside first and removed once the rename is durable."""
         os.chmod(self.staging, 0o777 & ~_umask())  # mkdtemp made it private while it was partial
         fsync(self.staging)
-        if _identity(self.path) != self._identity:
+        if _identity(self.path, self._identity_file) != self._identity:
             raise GrowthError(
                 f"{self.flag} {self.given} changed while growing (created, replaced or removed "
                 "by something else); nothing was replaced. Check it and run again")
@@ -177,14 +182,14 @@ class Destination:
             self._lock_fd = None
 
 
-def _identity(path: Path) -> Optional[tuple]:
+def _identity(path: Path, identity_file: str) -> Optional[tuple]:
     """What must not change between the start and the rename: absent, or the same directory
-    holding the same tracker file."""
+    holding the same tracker (or config) file."""
     try:
         st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    tracker = path / "latest_checkpointed_iteration.txt"
+    tracker = path / identity_file
     tracked = os.stat(tracker).st_mtime_ns if tracker.exists() else None
     return st.st_dev, st.st_ino, tracked
 
