@@ -103,8 +103,7 @@ class HFCheckpoint:
 
     def read_box(self, name: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
         """Tensor `name`'s box at `offset` of `shape` (a fresh tensor)."""
-        from safetensors import safe_open
-
+        safe_open = _safetensors().safe_open
         file = self.files[name]
         if file not in self._open:
             try:
@@ -113,11 +112,20 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.path / file}: cannot be read ({e})") from None
         piece = self._open[file].get_slice(name)
         if tuple(shape) == self.shapes[name]:
-            return piece[:] if shape else self._open[file].get_tensor(name)
+            return self._open[file].get_tensor(name)
         return piece[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
 
     def close(self) -> None:
         self._open.clear()
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise GrowthError("Hugging Face checkpoints need the safetensors package: pip install "
+                          "'megatron-recycle[hf]'") from None
+    return safetensors
 
 
 def _json(path: Path, flag: str):
@@ -163,10 +171,8 @@ def shard_name(number: int, count: int) -> str:
 
 def write_shard(out_dir: Path, number: int, count: int, tensors: dict[str, torch.Tensor]) -> str:
     """One safetensors shard, durable before this returns."""
-    from safetensors.torch import save_file
-
     name = shard_name(number, count)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name), metadata={"format": "pt"})
+    _safetensors().torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name), metadata={"format": "pt"})
     fsync(out_dir / name)
     return name
 
