@@ -32,6 +32,8 @@ FAMILIES = {
                      n_shared_experts=1, n_group=2, topk_group=2, norm_topk_prob=False),
     "deepseek_v2": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
                         n_shared_experts=1, topk_method="greedy", **MLA),  # its group_limited_greedy fails in transformers 5.12
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 GROUPED = {"deepseek_v3", "glm4_moe", "deepseek_v2"}  # group routing: copies stay in their group
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -99,6 +101,8 @@ def test_width_growth_at_alpha_0_and_zero_init_depth_growth_keep_the_logits(sour
         assert config["first_k_dense_replace"] == 2  # the dense first layer and its copy
     if model_type == "qwen3_moe":
         assert config["mlp_only_layers"] == [2, 3]
+    if model_type == "gpt_oss":
+        assert config["layer_types"] == ["sliding_attention"] * 2 + ["full_attention"] * 2 + ["sliding_attention"] * 2
 
 
 def test_depth_options_and_noise_on_qwen3_moe(sources, tmp_path):
@@ -221,12 +225,12 @@ def test_refusals_name_what_to_do(sources, tmp_path, capsys):
     assert "--grow-skip-first 1" in capsys.readouterr().err
     assert cli.main(["grow", "--load", str(src), "--save", dst, "--grow-experts", "2"]) == 2
     assert "--grow-expert-placement interleave" in capsys.readouterr().err
-    (tmp_path / "oss").mkdir()
-    (tmp_path / "oss" / "config.json").write_text('{"model_type": "gpt_oss", "num_hidden_layers": 2}')
-    save_file({"x": torch.zeros(1)}, tmp_path / "oss" / "model.safetensors")
-    assert cli.main(["inspect", str(tmp_path / "oss")]) == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "qwen2_moe", "num_hidden_layers": 2}')
+    save_file({"x": torch.zeros(1)}, tmp_path / "other" / "model.safetensors")
+    assert cli.main(["inspect", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
-    assert "gpt_oss" in err and "GPT-OSS" in err and err.count("\n") == 1
+    assert "qwen2_moe" in err and "Qwen2-MoE" in err and "DeepSeek-V3" in err and err.count("\n") == 1
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "config.json").write_text('{"model_type": "mixtral"}')
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04payload")

@@ -21,7 +21,7 @@ from ..manifest import Piece
 from ..options import Growth
 from ..plan import GrowthPlan
 from . import grow as hf_grow
-from .view import target_tensors, view_shapes
+from .view import target_tensors, to_megatron, view_shapes
 
 
 def verify_grown(source_path, grown_path, growth: Optional[Growth] = None) -> verify.Report:
@@ -61,7 +61,7 @@ def verify_grown(source_path, grown_path, growth: Optional[Growth] = None) -> ve
             boxes = ({exp.source} if exp.source is not None else set()) | (
                 {verify._sigma_unit(shapes, exp)} if exp.noisy else set())
             sources = {b: source.view.read(b) for b in boxes}
-            got = data if unit.expert is None else data[unit.expert]
+            got = to_megatron(unit.layout, data if unit.expert is None else data[unit.expert])
             report.pieces += 1
             problem = verify._check_piece(got, sources, exp, plan, shapes, report)
             if problem:

@@ -7,7 +7,8 @@ would write a checkpoint that loads and computes something else.
 
 Exactness of width growth at alpha = 0 with top-k scaled, per router (checked by the tests):
 softmax routers (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2) give each of the m copies 1/m of
-its source's probability, renormalised or not; sigmoid routers (DeepSeek-V3, GLM-4.5) give
+its source's probability, renormalised or not; GPT-OSS's softmax over the top-k logits gives
+the m copies of an expert the share the expert had; sigmoid routers (DeepSeek-V3, GLM-4.5) give
 every copy its source's full score, exact with `norm_topk_prob` and made exact without it by
 dividing `routed_scaling_factor` by m. DeepSeek-V3 and GLM-4.5 rank groups by the sum of the
 top-2 scores in a group (fixed at 2 in transformers), which copies change: growth there is
@@ -35,6 +36,9 @@ class Family:
     groups: bool = False  # n_group / topk_group routing
     group_top2: bool = False  # groups ranked by the sum of their top-2 scores
     shared_experts: bool = False
+    router: str = "gate"  # the router module under the MoE block
+    transposed_experts: bool = False  # fused experts stored [E, H, 2F] with gate/up columns
+    # interleaved, and [E, F, H], each with a bias (GPT-OSS)
     architecture: str = ""  # the CausalLM class of a config made by upcycling
     upcycles_from: tuple[str, ...] = ()  # dense model types that upcycle into this family
 
@@ -52,9 +56,9 @@ FAMILIES = (
            groups=True, group_top2=True, shared_experts=True),
     Family("DeepSeek-V2", ("deepseek_v2",), ("n_routed_experts",), dense_layers="first_k",
            groups=True, shared_experts=True),
+    Family("GPT-OSS", ("gpt_oss",), ("num_local_experts",), router="router", transposed_experts=True),
 )
 NOT_YET = {  # families transformers builds whose expert layout growth does not place yet
-    "gpt_oss": "GPT-OSS (its fused experts interleave gate and up columns, transposed, with biases)",
     "qwen2_moe": "Qwen2-MoE (a gated shared expert)",
 }
 

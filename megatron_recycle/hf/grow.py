@@ -32,7 +32,7 @@ from ..options import Growth
 from ..plan import Architecture, GrowthPlan
 from ..provenance import Provenance, SourceRef
 from . import families
-from .view import LAYER, SourceView, TargetTensor, target_tensors
+from .view import LAYER, SourceView, TargetTensor, target_tensors, to_hf
 
 Log = Callable[[str], None]
 
@@ -122,7 +122,10 @@ def grow_tensors(source: Source, plan: GrowthPlan, batch: list[TargetTensor]) ->
                              unit.local_shape, unit.prepend, "copy")
             region = data if unit.expert is None else data[unit.expert]
             values = None if fill.source is None or fill.zero else source.view.read(fill.source)
-            ops.fill_shard(region, fill, values, sigma_of, plan.width.noise_alpha, plan.width.seed)
+            made = torch.empty(unit.local_shape, dtype=tensor.dtype) if unit.layout else region
+            ops.fill_shard(made, fill, values, sigma_of, plan.width.noise_alpha, plan.width.seed)
+            if unit.layout:
+                region.copy_(to_hf(unit.layout, made))
         out[tensor.name] = data
     return out
 

@@ -11,6 +11,8 @@ as Megatron's GLU stores it), `down_proj` is its `linear_fc2`; a fused 3-D
 `mlp.shared_experts.linear_fc{1,2}`, the dense MLP `mlp.linear_fc{1,2}`, `o_proj`
 `self_attention.linear_proj`, the pre-MLP norm `pre_mlp_layernorm`. Anything else in a layer
 keeps its HF name under `decoder.layers.{i}.` (attention, norms: copied with their layer).
+GPT-OSS stores its experts transposed ([E, H, 2F], gate and up columns interleaved, and
+[E, F, H]) with biases: those tensors carry a `layout` that turns them into Megatron's and back.
 
 So the noise of a copied HF expert tensor is, element for element, the noise the Megatron
 path draws for the same (seed, layer, expert) in the same place of the fc1/fc2 unit: the
@@ -41,6 +43,29 @@ OUTSIDE = {"model.embed_tokens.weight": "embedding.word_embeddings.weight",
            "model.norm.weight": "decoder.final_layernorm.weight"}
 FC1, FC2 = upcycling.EXPERT_FC["fc1"], upcycling.EXPERT_FC["fc2"]
 ROUTER, EXPERT_BIAS = upcycling.ROUTER
+ROUTER_ROWS = (ROUTER, EXPERT_BIAS, "mlp.router.bias")
+TRANSPOSED = {  # GPT-OSS: HF tail → (Megatron tail, layout)
+    "experts.gate_up_proj": (FC1, "gate_up"), "experts.gate_up_proj_bias": (FC1[:-len("weight")] + "bias", "gate_up_bias"),
+    "experts.down_proj": (FC2, "down"), "experts.down_proj_bias": (FC2[:-len("weight")] + "bias", "")}
+
+
+def to_megatron(layout: str, t: torch.Tensor) -> torch.Tensor:
+    """An HF tensor (any leading expert axes) in Megatron's layout: fc1 [gate; up] rows."""
+    if layout in ("gate_up", "gate_up_bias"):
+        t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
+    return t.transpose(-1, -2) if layout in ("gate_up", "down") else t
+
+
+def to_hf(layout: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_megatron`."""
+    if layout in ("gate_up", "down"):
+        t = t.transpose(-1, -2)
+    if layout in ("gate_up", "gate_up_bias"):
+        half = t.shape[-1] // 2
+        out = torch.empty_like(t)
+        out[..., 0::2], out[..., 1::2] = t[..., :half], t[..., half:]
+        return out
+    return t
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,7 @@ class Place:
     prepend: int  # its prepended axes: 1 (the expert) for routed experts, else 0
     offset: tuple[int, ...]  # the HF tensor's global offset in it
     shape: tuple[int, ...]  # the HF tensor's extent in it (a leading 1 for one expert of a stack)
+    layout: str = ""  # how the HF tensor differs from Megatron's layout (GPT-OSS experts), else ''
 
 
 def _layer_key(layer: int, tail: str) -> str:
@@ -72,10 +98,16 @@ def place(family: Family, name: str, shape: tuple[int, ...]) -> Place:
         j, which = int(expert.group(1)), expert.group(2)
         key = _layer_key(layer, FC2 if which == down else FC1)
         return Place(key, 1, (j, shape[0] if which == up else 0, 0), (1,) + shape)
+    transposed = TRANSPOSED.get(tail[len(family.moe) + 1:]) if family.transposed_experts else None
+    if transposed and tail.startswith(family.moe + "."):
+        megatron_shape = tuple(to_megatron(transposed[1], torch.empty(shape, device="meta")).shape)
+        return Place(_layer_key(layer, transposed[0]), 1, (0,) * len(shape), megatron_shape, transposed[1])
     fused = re.match(rf"^{moe}\.experts\.(gate_up_proj|down_proj)$", tail)
-    if fused and len(shape) == 3:
+    if fused and len(shape) == 3 and not family.transposed_experts:
         return Place(_layer_key(layer, FC1 if fused.group(1) == "gate_up_proj" else FC2), 1, (0, 0, 0), shape)
-    simple = {f"{family.moe}.gate.weight": ROUTER, f"{family.moe}.gate.e_score_correction_bias": EXPERT_BIAS,
+    router = f"{family.moe}.{family.router}"
+    simple = {f"{router}.weight": ROUTER, f"{router}.e_score_correction_bias": EXPERT_BIAS,
+              f"{router}.bias": ROUTER_ROWS[2],
               "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
               "self_attn.o_proj.bias": "self_attention.linear_proj.bias",
               "post_attention_layernorm.weight": upcycling.NORM["weight"]}
@@ -132,7 +164,13 @@ class SourceView:
             lead = len(p.shape) - len(self.ckpt.shapes[name])  # the leading 1 of a single expert
             inner = [l - o for l, o in zip(lo, p.offset)][lead:]
             size = [h - l for l, h in zip(lo, hi)]
-            data = self.ckpt.read_box(name, tuple(inner), tuple(size[lead:]))
+            if p.layout:  # whole experts read, turned into Megatron's layout, then cut
+                stored = self.ckpt.shapes[name]
+                whole = self.ckpt.read_box(name, (inner[0],) + (0,) * (len(stored) - 1), (size[0],) + stored[1:])
+                data = to_megatron(p.layout, whole)[(slice(None),) + tuple(
+                    slice(i, i + n) for i, n in zip(inner[1:], size[1:]))]
+            else:
+                data = self.ckpt.read_box(name, tuple(inner), tuple(size[lead:]))
             out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = data.reshape(size)
         return out.reshape(box.shape)
 
@@ -148,6 +186,7 @@ class Unit:
     local_shape: tuple[int, ...]
     prepend: int
     expert: Optional[int] = None
+    layout: str = ""  # the HF tensor's layout (`to_hf`)
 
     def box(self) -> Box:
         return Box(self.key, self.global_shape, self.global_offset[:self.prepend],
@@ -189,7 +228,7 @@ def target_tensors(view: SourceView, plan: GrowthPlan, family: Family) -> list[T
             if plan.upcycled(s) and key.endswith(tuple(upcycling.DENSE_FC.values())):
                 out += _upcycled(view, plan, family, t, tail, p, dtype)
                 continue
-            if p.prepend == 1 and len(shape) == 2:  # one expert's matrix: one tensor per target expert
+            if len(p.shape) > len(shape):  # one expert's matrix: one tensor per target expert
                 j = p.offset[0]
                 for e in plan.expert_targets(j):
                     unit = Unit(key, (experts,) + whole[1:], (e,) + p.offset[1:], shape, 1)
@@ -198,16 +237,17 @@ def target_tensors(view: SourceView, plan: GrowthPlan, family: Family) -> list[T
                 continue
             if p.prepend == 1:  # a fused stack of every expert
                 grown = (experts,) + shape[1:]
-                units = tuple(Unit(key, grown, (e, 0, 0), shape[1:], 1, e) for e in range(experts))
+                units = tuple(Unit(key, (experts,) + whole[1:], (e,) + (0,) * (len(whole) - 1), whole[1:], 1, e,
+                                   p.layout) for e in range(experts))
                 out.append(TargetTensor(_name(t, tail), grown, dtype, units))
                 continue
-            if key.endswith((ROUTER, EXPERT_BIAS)) and plan.source.is_moe:
+            if key.endswith(ROUTER_ROWS) and plan.source.is_moe:
                 shape = (experts,) + shape[1:]
                 whole = shape
             out.append(TargetTensor(_name(t, tail), shape, dtype, (Unit(key, whole, p.offset, shape, 0),)))
         if plan.upcycled(s):
             dense = view.places[_name(s, "mlp.gate_proj.weight")]
-            out.append(TargetTensor(_name(t, f"{family.moe}.gate.weight"), (experts, dense.shape[1]),
+            out.append(TargetTensor(_name(t, f"{family.moe}.{family.router}.weight"), (experts, dense.shape[1]),
                                     view.ckpt.dtypes[_name(s, "mlp.gate_proj.weight")],
                                     (Unit(_layer_key(t, ROUTER), (experts, dense.shape[1]), (0, 0),
                                           (experts, dense.shape[1]), 0),)))
