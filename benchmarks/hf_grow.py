@@ -84,7 +84,7 @@ def memory(root: Path, size_mb: float, batch_mb: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=list(test_hf.FAMILIES))
+    parser.add_argument("--families", nargs="*", default=list(test_hf.FAMILIES))
     parser.add_argument("--size-mb", type=float, default=400)
     parser.add_argument("--batch-mb", type=float, default=64)
     parser.add_argument("--out", default=str(HERE / "results" / "hf_grow.json"))

@@ -103,6 +103,8 @@ def test_width_growth_at_alpha_0_and_zero_init_depth_growth_keep_the_logits(sour
         assert config["mlp_only_layers"] == [2, 3]
     if model_type == "gpt_oss":
         assert config["layer_types"] == ["sliding_attention"] * 2 + ["full_attention"] * 2 + ["sliding_attention"] * 2
+    if model_type in ("gpt_oss", "deepseek_v3"):  # noise through the transposed / grouped layouts, verified
+        grow_and_check(src, tmp_path / "n", Growth(width=WidthGrowth(factor=2, noise_alpha=0.05, placement=placement)))
 
 
 def test_depth_options_and_noise_on_qwen3_moe(sources, tmp_path):

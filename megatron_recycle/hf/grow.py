@@ -127,6 +127,7 @@ def grow_tensors(source: Source, plan: GrowthPlan, batch: list[TargetTensor]) ->
             if unit.layout:
                 region.copy_(to_hf(unit.layout, made))
         out[tensor.name] = data
+    source.ckpt.close()  # unmaps the source files: their pages do not pile up batch after batch
     return out
 
 

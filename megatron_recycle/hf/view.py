@@ -155,7 +155,7 @@ class SourceView:
         """The data of `box` (Megatron-equivalent coordinates), from the HF tensors under it."""
         start = tuple(box.index) + tuple(box.offset)
         extent = (1,) * len(box.index) + tuple(box.shape)
-        out = torch.empty(extent, dtype=self.dtypes[box.key])
+        out = None
         for name, p in self.parts[box.key]:
             lo = [max(a, b) for a, b in zip(start, p.offset)]
             hi = [min(a + n, b + m) for a, n, b, m in zip(start, extent, p.offset, p.shape)]
@@ -171,6 +171,10 @@ class SourceView:
                     slice(i, i + n) for i, n in zip(inner[1:], size[1:]))]
             else:
                 data = self.ckpt.read_box(name, tuple(inner), tuple(size[lead:]))
+            if list(lo) == list(start) and list(size) == list(extent):  # one part holds it all
+                return data.reshape(box.shape)
+            if out is None:
+                out = torch.empty(extent, dtype=self.dtypes[box.key])
             out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = data.reshape(size)
         return out.reshape(box.shape)
 
