@@ -20,6 +20,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "apex": ["apex"],
         "demo": ["matplotlib"],
+        # Hugging Face checkpoints (config.json + safetensors): safetensors reads and writes them;
+        # transformers is not needed to grow, only to load the result
+        "hf": ["safetensors>=0.4"],
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["megatron-recycle=megatron_recycle.cli:main"]},

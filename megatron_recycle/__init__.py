@@ -6,8 +6,8 @@ The growth engine, in the order data flows:
     source box) → ops (tensors, noise) → load_hook (the torch_dist load strategy).
 Around it: policy (optimizer / schedule), provenance (the growth record), compat (megatron-core
 releases), io/ (checkpoint reading, writing, destinations), manifest + offline + verify + cost +
-inspection + cli (the offline tools), megatron_lm/ (Megatron-LM), testing/ (CPU shims, toy
-models: not used by growth itself).
+inspection + cli (the offline tools), megatron_lm/ (Megatron-LM), hf/ (Hugging Face
+checkpoints through the same engine), testing/ (CPU shims, toy models: not used by growth itself).
 """
 
 __version__ = "0.2.0"

@@ -42,9 +42,22 @@ def _batch_bytes(args) -> int:
     return max(1, int(args.batch_size_mb * 2**20))  # finite and > 0: parsed by `number`
 
 
+def _hf_commands(path):
+    """The Hugging Face commands if `path` is an HF checkpoint (config.json + safetensors)."""
+    from .io.hf import is_hf_checkpoint
+
+    if not is_hf_checkpoint(path):
+        return None
+    from .hf import commands
+
+    return commands
+
+
 def _grow(args) -> int:
     from . import distributed, offline
 
+    if (hf := _hf_commands(args.load)) is not None:
+        return hf.grow(args, _batch_bytes(args))
     growth = growth_from_args(args)
     with distributed.joined_from_environment():
         offline.grow(args.load, args.save, growth, step=args.ckpt_step,
@@ -56,6 +69,8 @@ def _grow(args) -> int:
 def _verify(args) -> int:
     from . import verify
 
+    if (hf := _hf_commands(args.source)) is not None:
+        return hf.verify(args)
     plan = optimizer = None
     if growth_options_given(args):
         from .io.checkpoint import CheckpointInfo
@@ -72,6 +87,8 @@ def _verify(args) -> int:
 def _inspect(args) -> int:
     from . import advisor, inspection
 
+    if (hf := _hf_commands(args.checkpoint)) is not None:
+        return hf.inspect(args)
     summary = inspection.summarize(args.checkpoint, args.ckpt_step)
     summary["advice"] = advisor.advise_checkpoint(args.checkpoint, args.ckpt_step, "CKPT",
                                                   read_norms=args.norms)
@@ -83,6 +100,8 @@ def _inspect(args) -> int:
 def _plan(args) -> int:
     from . import advisor, cost
 
+    if (hf := _hf_commands(args.load)) is not None:
+        return hf.plan(args)
     layout = cost.Layout(tp=args.tp, ep=args.ep, pp=args.pp, dp=args.dp, gpus=args.gpus)
     growth = growth_from_args(args)
     report = cost.plan_report(args.load, growth, layout, step=args.ckpt_step)

@@ -36,6 +36,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -53,17 +54,37 @@ PARTIAL, MOVED_ASIDE, REPLACED = "partial", "moved aside", "replaced"
 _LONGEST_SUFFIX = len(".megatron-recycle.lock") + 1  # and the leading dot
 
 
+@dataclass(frozen=True)
+class RootKind:
+    """What `--overwrite` may replace at a destination: `members(root)` names the entries of a
+    checkpoint of this kind at `root` (None: `root` is not one); `identity_file`'s change between
+    the start and the rename means someone else wrote there."""
+
+    name: str
+    members: Callable[[Path], Optional[set[str]]]
+    identity_file: str
+
+
+def _megatron_members(root: Path) -> Optional[set[str]]:
+    return {TRACKER_FILE, read_tracker(root).name} if is_checkpoint_root(root) else None
+
+
+MEGATRON_ROOT = RootKind(f"a Megatron checkpoint root (no {TRACKER_FILE} naming an existing "
+                         "iteration)", _megatron_members, TRACKER_FILE)
+
+
 class Destination:
     """The root a grown checkpoint goes to. Use as a context manager around the writing:
     `staging` is where to write; `commit()` makes it the destination.
 
     `parts`: the entries of the root the grown checkpoint consists of (tracker file, iteration
     directory); an old checkpoint may hold nothing but those and the iteration its tracker
-    names for `--overwrite` to replace it."""
+    names for `--overwrite` to replace it. `kind`: what a checkpoint there is (RootKind)."""
 
     def __init__(self, save: str | os.PathLike, overwrite: bool, parts: Sequence[str] = (),
-                 flag: str = "--save", log: Callable[[str], None] = lambda s: None):
-        self.flag, self.overwrite, self.log = flag, overwrite, log
+                 flag: str = "--save", log: Callable[[str], None] = lambda s: None,
+                 kind: RootKind = MEGATRON_ROOT):
+        self.flag, self.overwrite, self.log, self.kind = flag, overwrite, log, kind
         self.parts = frozenset(parts) | {MARKER}  # a marker a commit cut short did not unlink
         given = Path(save)
         self.given = given
@@ -79,7 +100,7 @@ class Destination:
         if given.is_symlink() and self.path.exists() and not self.path.is_dir():
             raise GrowthError(f"{flag} {given} is a symlink to a file, not a directory")
         self._check_replaceable()
-        self._identity = _identity(self.path)
+        self._identity = _identity(self.path, self.kind.identity_file)
 
     # --- before writing ---------------------------------------------------------------------
     def _check_replaceable(self) -> None:
@@ -100,26 +121,26 @@ class Destination:
                     "then replaced)")
             raise GrowthError(f"{self.flag} {self.given} already exists; pick a new directory or pass "
                               "--overwrite to replace the checkpoint in it")
-        if not is_checkpoint_root(existing):
+        members = self.kind.members(existing)
+        if members is None:
             raise GrowthError(
-                f"{self.flag} {self.given} exists and is not a Megatron checkpoint root (no "
-                f"{TRACKER_FILE} naming an existing iteration): --overwrite only replaces a "
-                "checkpoint; pick a new directory")
-        current = read_tracker(existing, self.flag).name
-        foreign = _entries(existing) - self.parts - {current}
+                f"{self.flag} {self.given} exists and is not {self.kind.name}: --overwrite only "
+                "replaces a checkpoint; pick a new directory")
+        foreign = _entries(existing) - self.parts - members
         if foreign:
             named = ", ".join(n + ("/" if (existing / n).is_dir() else "") for n in sorted(foreign)[:8])
             more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
             raise GrowthError(
                 f"{self.flag} {self.given} also holds {named}{more}: --overwrite replaces a "
-                f"checkpoint ({TRACKER_FILE} and the iteration it names, {current}/) and nothing "
-                "else (an old run's other iterations beside the grown one would load into the "
-                "grown model); move them out or pick a new directory")
+                f"checkpoint ({', '.join(n + ('/' if (existing / n).is_dir() else '') for n in sorted(members))}) and nothing else (an old run's other "
+                "iterations beside the grown one would load into the grown model); move them out "
+                "or pick a new directory")
 
-    def check_overlap(self, source: Path) -> None:
-        """Refuse a destination inside the source's root, or the other way round."""
+    def check_overlap(self, source: Path, include_parent: bool = True) -> None:
+        """Refuse a destination inside the source's root (the parent of an iteration directory,
+        `include_parent`), or the other way round."""
         source_dir = Path(os.path.realpath(source))
-        for other in (source_dir, source_dir.parent):
+        for other in (source_dir, source_dir.parent) if include_parent else (source_dir,):
             if self.path == other or other in self.path.parents or self.path in other.parents:
                 raise GrowthError(f"{self.flag} {self.given} overlaps the source checkpoint "
                                   f"{source}; write the grown checkpoint somewhere else")
@@ -157,7 +178,7 @@ class Destination:
         shutil.rmtree(moved[0])
         self.log(f"put the old checkpoint back at {self.given}: an interrupted --overwrite had "
                  f"moved it to {moved[0] / _OLD}")
-        self._identity = _identity(self.path)
+        self._identity = _identity(self.path, self.kind.identity_file)
         self._check_replaceable()
 
     def check_space(self, nbytes: int) -> None:
@@ -211,7 +232,7 @@ class Destination:
         it recoverable) and removed once the rename is durable."""
         os.chmod(self.staging, 0o777 & ~_umask())  # mkdtemp made it private while it was partial
         fsync(self.staging)
-        if _identity(self.path) != self._identity:
+        if _identity(self.path, self.kind.identity_file) != self._identity:
             raise GrowthError(
                 f"{self.flag} {self.given} changed while growing (created, replaced, removed or "
                 "written into by something else); nothing was replaced. Check it and run again")
@@ -317,14 +338,14 @@ def _state(directory: Path) -> Optional[str]:
         return None
 
 
-def _identity(path: Path) -> Optional[tuple]:
+def _identity(path: Path, identity_file: str) -> Optional[tuple]:
     """What must not change between the start and the rename: absent, or the same directory
-    holding the same entries and the same tracker file."""
+    holding the same entries and the same tracker (or config) file."""
     try:
         st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    tracker = path / TRACKER_FILE
+    tracker = path / identity_file
     tracked = os.stat(tracker).st_mtime_ns if tracker.exists() else None
     return st.st_dev, st.st_ino, tracked, tuple(sorted(_entries(path)))
 
