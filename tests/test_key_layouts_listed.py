@@ -12,6 +12,7 @@ import ckpt_tools
 from test_offline_tools import GROW_FLAGS, cli
 
 FC1 = "decoder.layers.{}.mlp.experts.experts.linear_fc1.weight"
+FC2_MOMENT = "optimizer.state.exp_avg.decoder.layers.{}.mlp.experts.experts.linear_fc2.weight"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_the_source_is_keyed_by_layer_as_megatron_core_writes_it(listed):
     out, before = listed
     source = ckpt_tools.read_checkpoint(out / "src-listed" / "iter_0000003")
     assert FC1.format(3) in source and FC1.replace("{}.", "") not in source
-    assert "optimizer.state.exp_avg." + FC1.format(3) in source
+    assert FC2_MOMENT.format(3) in source
     assert ckpt_tools.tree_digest(out / "src-listed") == before  # never modified
 
 
@@ -39,8 +40,7 @@ def test_offline_growth_keeps_the_listed_form_and_follows_the_plan(listed):
     source = ckpt_tools.read_checkpoint(out / "src-listed" / "iter_0000003")
     assert not any(k.startswith(("decoder.layers.mlp.", "optimizer.state.exp_avg.decoder.layers.mlp."))
                    for k in grown)
-    moment = "optimizer.state.exp_avg." + FC1
-    assert torch.equal(grown[moment.format(5)][6], source[moment.format(2)][2])  # copies keep the moments
+    assert torch.equal(grown[FC2_MOMENT.format(5)][6], source[FC2_MOMENT.format(2)][2])  # copies: moments kept
     for target_layer in range(8):  # interposition: layer l comes from l // 2
         got, src = grown[FC1.format(target_layer)], source[FC1.format(target_layer // 2)]
         assert torch.equal(got[:4], src)  # the original experts, exact

@@ -185,27 +185,23 @@ def test_bad_input_fails_before_any_model_is_built(megatron_lm, runs):
     assert "building GPT model" not in log
 
 
-def test_growing_the_optimizer_that_no_load_optim_drops_is_refused(megatron_lm, runs):
-    """Megatron-LM's example scripts pass --no-load-optim, which would silently drop what
-    --grow-optimizer copy (the default) grows."""
-    out, _ = runs
-    rc, log = launch(megatron_lm, 1, "--lr", "0", "--global-batch-size", 2, "--train-iters", 3,
-                     "--load", out / "base", "--save", out / "refused", "--grow-depth", 2,
-                     "--no-load-optim", check=False)
-    assert rc == 2
-    assert ("megatron-recycle: error: --no-load-optim drops the optimizer state that "
-            "--grow-optimizer copy (the default) grows") in log
-    assert "building GPT model" not in log and not (out / "refused").exists()
-
-
 def test_a_listed_moe_layer_freq_grows_with_the_layers(megatron_lm, tmp_path):
     """`--moe-layer-freq ([1]*2)` (all MoE, as a list): megatron-core keys the layers by index;
     grown by 2, the run gets `[1]*4` (Megatron would assert the list's length), with the
-    example scripts' --no-load-optim --no-load-rng and a fresh optimizer."""
+    example scripts' --no-load-optim --no-load-rng and a fresh optimizer. Without
+    --grow-optimizer reset, --no-load-optim is refused: it would silently drop what
+    --grow-optimizer copy (the default) grows."""
     base, grown = tmp_path / "base", tmp_path / "grown"
     listed = ["--moe-layer-freq", "([1]*2)"]
     launch(megatron_lm, 1, "--lr", "1e-3", "--global-batch-size", 2, "--train-iters", 2,
            "--save-interval", 2, "--save", base, *listed)
+    rc, log = launch(megatron_lm, 1, "--lr", "0", "--global-batch-size", 2, "--train-iters", 3,
+                     "--load", base, "--save", grown, *listed, "--grow-depth", 2, "--no-load-optim",
+                     check=False)
+    assert rc != 0
+    assert ("megatron-recycle: error: --no-load-optim drops the optimizer state that "
+            "--grow-optimizer copy (the default) grows") in log
+    assert "building GPT model" not in log and not grown.exists()
     _, log = launch(megatron_lm, 2, "--lr", "0", "--global-batch-size", 4, "--train-iters", 3,
                     "--save-interval", 3, "--load", base, "--save", grown, *listed,
                     "--expert-model-parallel-size", 2, "--grow-depth", 2, "--grow-optimizer", "reset",
