@@ -154,8 +154,9 @@ def layer_key(prefix: str, tail: str, layer: Optional[int]) -> str:
 
 def layers_in_keys(arch) -> bool:
     """Whether megatron-core keys this model's decoder layers by index (`decoder.layers.{i}.`):
-    HybridModel always; GPT when its layers differ (mixed dense / MoE)."""
-    return arch.is_hybrid or arch.moe_layer_freq() is not None
+    HybridModel always; GPT when `moe_layer_freq` lists its layers (mixed dense / MoE, or a
+    list of all ones)."""
+    return arch.is_hybrid or arch.moe_layers is not None
 
 
 def as_stored(source_shapes: dict, key: str, index: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:

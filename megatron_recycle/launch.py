@@ -4,8 +4,9 @@
 
 The script runs unchanged as `__main__`, exactly as `python pretrain_gpt.py ARGS...` would,
 after `megatron_lm.install()` hooked Megatron-LM (see there). Without CUDA (tests, laptops) the
-CPU shims of `megatron_recycle.cpu` are installed and the script runs over gloo; with CUDA
-nothing else changes.
+CPU shims of `megatron_recycle.testing.cpu` are installed, the flags a run without CUDA, Transformer
+Engine and apex needs (`CPU_ARGS`) are added after the script's own, and the script runs over
+gloo; with CUDA nothing else changes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import sys
 
 from .errors import GrowthError
 
+# What Megatron-LM needs on CPU: gloo, the local (torch) modules, and no CUDA-only fused
+# kernels (RoPE, apex's persistent layer norm, gradient-accumulation fusion, masked softmax).
+CPU_ARGS = ("--distributed-backend", "gloo", "--transformer-impl", "local", "--no-rope-fusion",
+            "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+            "--no-masked-softmax-fusion")
 USAGE = "usage: python -m megatron_recycle.launch PRETRAIN_SCRIPT.py [MEGATRON-LM ARGS...] [--grow-* ARGS...]"
 
 
@@ -51,6 +57,9 @@ def _run(script: str) -> None:
         return
     from .testing import cpu
 
+    if os.environ.get("RANK", "0") == "0":
+        print(f"megatron-recycle: no CUDA: running on CPU with {' '.join(CPU_ARGS)}", flush=True)
+    sys.argv += CPU_ARGS  # after the script's own: these win
     cpu.install()
     _initialize_without_cuda()
     with cpu.cuda_to_cpu():
@@ -62,7 +71,9 @@ def _initialize_without_cuda() -> None:
     `_initialize_distributed` sets up model parallelism only when it sees a device, and the
     legacy fused kernels (CUDA only, compiled with nvcc) are loaded unconditionally. The
     rerun state machine and checkpoints record a CUDA RNG state: there is none, so a
-    placeholder is recorded and restoring it does nothing."""
+    placeholder is recorded and restoring it does nothing. The model-parallel RNG tracker is
+    seeded only when a device is seen: seeded here too, so checkpoints record its states and
+    a resumed run can restore them (Megatron-LM exits when they are empty)."""
     import torch
     import torch.distributed as dist
     from megatron.training import initialize, training
@@ -76,20 +87,27 @@ def _initialize_without_cuda() -> None:
         kwargs["allow_no_cuda"] = True
         return initialize_megatron(*args, **kwargs)
 
+    def seeing_one_device(function):
+        def call(*args, **kwargs):
+            device_count = torch.cuda.device_count
+            torch.cuda.device_count = lambda: 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                torch.cuda.device_count = device_count
+
+        return call
+
     def initialize_distributed_on_gloo(*args, **kwargs):
         if not dist.is_initialized():  # its own init would pin a CUDA device
             dist.init_process_group("gloo")
-        device_count = torch.cuda.device_count
-        torch.cuda.device_count = lambda: 1
-        try:
-            return initialize_distributed(*args, **kwargs)
-        finally:
-            torch.cuda.device_count = device_count
+        return seeing_one_device(initialize_distributed)(*args, **kwargs)
 
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": None
     training.initialize_megatron = initialize_megatron_without_cuda
     initialize._initialize_distributed = initialize_distributed_on_gloo
+    initialize._set_random_seed = seeing_one_device(initialize._set_random_seed)
     fused_kernels = megatron_lm.compat.legacy_fused_kernels()
     if fused_kernels is not None:
         fused_kernels.load = lambda args: None

@@ -96,7 +96,9 @@ class Architecture:
     num_layers: int
     num_experts: Optional[int] = None  # None: dense model
     topk: Optional[int] = None
-    moe_layers: Optional[tuple[bool, ...]] = None  # per layer; None: every layer is MoE
+    # per layer, where megatron-core keys the layers by index (`--moe-layer-freq` given as a
+    # list, even all ones); None: every layer is MoE and the layers are stacked in the keys
+    moe_layers: Optional[tuple[bool, ...]] = None
     mtp_layers: int = 0
     router_num_groups: Optional[int] = None
     router_group_topk: Optional[int] = None
@@ -118,8 +120,9 @@ class Architecture:
         return self.hybrid_pattern is not None
 
     def moe_layer_freq(self) -> Optional[list[int]]:
-        """Megatron's `--moe-layer-freq` list form, or None when every layer is MoE."""
-        if self.moe_layers is None or all(self.moe_layers):
+        """Megatron's `--moe-layer-freq` list form where the layers are listed (megatron-core
+        then keys them by index, all-MoE too), None where they are stacked."""
+        if self.moe_layers is None:
             return None
         return [int(x) for x in self.moe_layers]
 
@@ -339,8 +342,8 @@ class GrowthPlan:
     @property
     def target(self) -> Architecture:
         moe_layers = self.source.moe_layers
-        if self.upcycle.active and self.upcycle.layers is not None:
-            moe_layers = self.upcycle.layers
+        if self.upcycle.active and self.upcycle.layers is not None and not all(self.upcycle.layers):
+            moe_layers = self.upcycle.layers  # upcycling every layer keeps the stacked keys
         if moe_layers is not None:
             moe_layers = tuple(moe_layers[s] for s in self.layer_map)
         pattern = self.source.hybrid_pattern
@@ -459,6 +462,16 @@ class GrowthPlan:
             - (num_layers_in_first_stage is not None)
             - (num_layers_in_last_stage is not None)
         )
+        stages = {"first": num_layers_in_first_stage, "last": num_layers_in_last_stage}
+        for stage, n in stages.items():
+            if n is not None and not 0 < n <= want_layers:
+                raise GrowthError(f"--decoder-{stage}-pipeline-num-layers {n} does not fit the "
+                                  f"{want_layers} layers after growth; pick 1 to {want_layers}")
+        if pipeline_parallel > 1 and (inner < 0 or (inner_stages <= 0 and inner)):
+            given = " + ".join(f"--decoder-{stage}-pipeline-num-layers {n}"
+                               for stage, n in stages.items() if n is not None)
+            raise GrowthError(f"{given} leaves {inner} of the {want_layers} layers after growth "
+                              f"for the other {max(inner_stages, 0)} pipeline stages; lower it")
         if pipeline_parallel > 1 and inner_stages > 0 and inner % inner_stages:
             raise GrowthError(
                 f"--pipeline-model-parallel-size {pipeline_parallel} does not split the "

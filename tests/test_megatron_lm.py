@@ -3,6 +3,7 @@
 checkpoints are real torch_dist ones saved by megatron-core."""
 
 import argparse
+import json
 
 import pytest
 
@@ -20,7 +21,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     for flag in ("--ffn-hidden-size", "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size"):
         p.add_argument(flag, type=int, default=None)
     p.add_argument("--moe-use-upcycling", action="store_true")
-    p.add_argument("--moe-layer-freq", default=1)
+    p.add_argument("--moe-layer-freq", default=1, type=lambda x: int(x) if x.isdigit() else json.loads(x))
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                  "--expert-model-parallel-size"):
         p.add_argument(flag, type=int, default=1)
@@ -198,3 +199,56 @@ def test_upcycling_sets_the_moe_arguments_of_a_dense_checkpoint(ckpts):
         configure(upcycle + ["--moe-use-upcycling"])
     with pytest.raises(GrowthError, match="needs a dense source"):
         configure(["--load", str(ckpts / "base"), "--upcycle-experts", "8", "--grow-optimizer", "reset"])
+
+
+def test_a_listed_moe_layer_freq_grows_with_the_layers(ckpts):
+    """An all-MoE base saved with `--moe-layer-freq ([1]*4)` is keyed by layer: the grown run's
+    list has one entry per grown layer, whether the script passes the base list or none."""
+    for given in ([], ["--moe-layer-freq", "[1,1,1,1]"], ["--moe-layer-freq", json.dumps([1] * 8)]):
+        args, decision = configure(["--load", str(ckpts / "listed"), "--grow-depth", "2",
+                                    "--grow-optimizer", "reset", *given])
+        assert args.num_layers == 8 and args.moe_layer_freq == [1] * 8, given
+    stacked, _ = configure(grow(ckpts, "--moe-layer-freq", "[1,1,1,1]"))  # a list given, by the layer map
+    assert stacked.moe_layer_freq == [1] * 8
+    kept, _ = configure(grow(ckpts))  # stacked layers keep the integer
+    assert kept.moe_layer_freq == 1
+    with pytest.raises(GrowthError, match=r"--moe-layer-freq \[1, 1, 1, 1, 1, 1\] is neither"):
+        configure(grow(ckpts, "--moe-layer-freq", json.dumps([1] * 6)))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "9"],
+     "--decoder-first-pipeline-num-layers 9 does not fit the 8 layers"),
+    (["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "0"],
+     "--decoder-last-pipeline-num-layers 0 does not fit"),
+    (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "3",
+      "--decoder-last-pipeline-num-layers", "4"], "leaves 1 of the 8 layers after growth for the other 0"),
+    (["--pipeline-model-parallel-size", "3", "--decoder-first-pipeline-num-layers", "5",
+      "--decoder-last-pipeline-num-layers", "4"], "leaves -1 of the 8 layers"),
+])
+def test_uneven_pipeline_stages_that_do_not_fit_are_refused(ckpts, extra, message):
+    with pytest.raises(GrowthError, match=message):
+        configure(grow(ckpts, *extra))
+    args, _ = configure(grow(ckpts, "--pipeline-model-parallel-size", "2",
+                             "--decoder-first-pipeline-num-layers", "3"))
+    assert args.num_layers == 8
+
+
+@pytest.mark.parametrize("flag", ["--no-load-optim", "--finetune"])
+def test_dropping_the_optimizer_while_growing_it_is_refused(ckpts, flag):
+    """Megatron's example scripts pass --no-load-optim; with --grow-optimizer copy (the
+    default) or zero, Megatron-LM would silently not load the grown state."""
+    for policy in ("copy", "zero"):
+        with pytest.raises(GrowthError, match=f"{flag} drops the optimizer state that "
+                                              f"--grow-optimizer {policy}.*--grow-optimizer reset"):
+            configure(grow(ckpts, flag, optimizer=policy))
+    args, _ = configure(grow(ckpts, flag))
+    assert args.no_load_optim
+
+
+def test_a_source_without_args_keeps_the_scripts_topk(ckpts):
+    for given, topk in (([], 4), (["--moe-router-topk", "1"], 2), (["--grow-topk", "keep"], 2)):
+        args, decision = configure(["--load", str(ckpts / "noargs"), "--grow-experts", "2",
+                                    "--grow-optimizer", "reset", *given])
+        assert decision.plan.source.topk == topk // (1 if "keep" in given else 2)
+        assert (args.num_experts, args.moe_router_topk) == (8, topk), given

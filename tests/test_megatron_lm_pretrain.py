@@ -46,10 +46,9 @@ TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-si
         "--seq-length 16 --max-position-embeddings 16 --micro-batch-size 2 --min-lr 0 "
         "--lr-decay-style constant --mock-data --tokenizer-type NullTokenizer --vocab-size 64 "
         "--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 16 "
-        "--moe-token-dispatcher-type allgather --moe-aux-loss-coeff 0 --distributed-backend gloo "
-        "--transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion "
-        "--no-bias-gelu-fusion --no-bias-dropout-fusion --no-bias-swiglu-fusion --no-rope-fusion "
-        "--no-persist-layer-norm --normalization RMSNorm --position-embedding-type rope --swiglu "
+        "--moe-token-dispatcher-type allgather --moe-aux-loss-coeff 0 "
+        "--no-bias-gelu-fusion --no-bias-dropout-fusion --no-bias-swiglu-fusion "
+        "--normalization RMSNorm --position-embedding-type rope --swiglu "
         "--disable-bias-linear --use-cpu-initialization --eval-iters 0 --eval-interval 1000 "
         "--log-interval 1 --ckpt-format torch_dist").split()
 
@@ -113,8 +112,9 @@ def runs(megatron_lm, tmp_path_factory):
     logs = {"base": launch(megatron_lm, 1, "--lr", "1e-3", "--global-batch-size", 2,
                            "--train-iters", 2, "--save-interval", 2, "--save", base)[1]}
     # lr 0 after growth: weights stay exactly as loaded, so the saved ones show the growth.
-    grown_cmd = ["--lr", "0", "--global-batch-size", 4, "--train-iters", 4, "--save-interval", 4,
-                 "--load", base, "--save", grown,
+    # --exit-interval 4: the job stops at iteration 4 of 6 (as if preempted) and is requeued.
+    grown_cmd = ["--lr", "0", "--global-batch-size", 4, "--train-iters", 6, "--save-interval", 4,
+                 "--exit-interval", 4, "--load", base, "--save", grown,
                  "--expert-model-parallel-size", 2, "--grow-depth", 2, "--grow-experts", 2,
                  "--grow-optimizer", "reset"]
     logs["grown"] = launch(megatron_lm, 2, *grown_cmd)[1]
@@ -124,10 +124,13 @@ def runs(megatron_lm, tmp_path_factory):
 
 def test_grown_run_loads_the_base_grown_and_keeps_training(runs):
     out, logs = runs
+    # the CPU flags come from the launcher (TINY has none of them)
+    assert "megatron-recycle: no CUDA: running on CPU with --distributed-backend gloo" in logs["base"]
     assert "loading distributed checkpoint from" in logs["grown"]
     assert "growth: " in logs["grown"]  # the strategy's summary: growth happened in this run
-    assert "iteration        4/       4 | consumed samples:           12" in logs["grown"]
-    info = CheckpointInfo.read(out / "grown")
+    assert "iteration        4/       6 | consumed samples:           12" in logs["grown"]
+    assert "iteration        5/" not in logs["grown"]
+    info = CheckpointInfo.read(out / "grown", 4)
     assert info.iteration == 4
     arch = info.architecture()
     assert (arch.num_layers, arch.num_experts, arch.topk) == (4, 8, 4)
@@ -159,7 +162,17 @@ def test_requeued_run_resumes_the_grown_checkpoint_without_growing_again(runs):
     assert "already grown" in log
     assert f"loading distributed checkpoint from {out / 'grown'} at iteration 4" in log
     assert "megatron_recycle.load_hook" not in log
-    assert CheckpointInfo.read(out / "grown").iteration == 4
+    assert "Unable to load rng state" not in log  # the RNG state saved on CPU restores
+    # ... and trains on to --train-iters: iterations 5 and 6 ran, and 6 was saved
+    assert "iteration        4/" not in log
+    assert "iteration        5/       6 | consumed samples:           16" in log
+    assert "iteration        6/       6 | consumed samples:           20" in log
+    info = CheckpointInfo.read(out / "grown")
+    assert info.iteration == 6 and info.provenance.source.iteration == 2
+    resumed = ckpt_tools.read_checkpoint(info.path)
+    grown = ckpt_tools.read_checkpoint(out / "grown" / "iter_0000004")
+    weights = [k for k in grown if k.startswith("decoder.layers.")]
+    assert weights and all(torch.equal(resumed[k], grown[k]) for k in weights)  # lr 0: as grown
     assert CheckpointInfo.read(out / "base").iteration == 2  # the source untouched
 
 
@@ -170,6 +183,38 @@ def test_bad_input_fails_before_any_model_is_built(megatron_lm, runs):
     assert rc != 0
     assert "megatron-recycle: error: --ckpt-step 9" in log
     assert "building GPT model" not in log
+
+
+def test_a_listed_moe_layer_freq_grows_with_the_layers(megatron_lm, tmp_path):
+    """`--moe-layer-freq ([1]*2)` (all MoE, as a list): megatron-core keys the layers by index;
+    grown by 2, the run gets `[1]*4` (Megatron would assert the list's length), with the
+    example scripts' --no-load-optim --no-load-rng and a fresh optimizer. Without
+    --grow-optimizer reset, --no-load-optim is refused: it would silently drop what
+    --grow-optimizer copy (the default) grows."""
+    base, grown = tmp_path / "base", tmp_path / "grown"
+    listed = ["--moe-layer-freq", "([1]*2)"]
+    launch(megatron_lm, 1, "--lr", "1e-3", "--global-batch-size", 2, "--train-iters", 2,
+           "--save-interval", 2, "--save", base, *listed)
+    rc, log = launch(megatron_lm, 1, "--lr", "0", "--global-batch-size", 2, "--train-iters", 3,
+                     "--load", base, "--save", grown, *listed, "--grow-depth", 2, "--no-load-optim",
+                     check=False)
+    assert rc != 0
+    assert ("megatron-recycle: error: --no-load-optim drops the optimizer state that "
+            "--grow-optimizer copy (the default) grows") in log
+    assert "building GPT model" not in log and not grown.exists()
+    _, log = launch(megatron_lm, 2, "--lr", "0", "--global-batch-size", 4, "--train-iters", 3,
+                    "--save-interval", 3, "--load", base, "--save", grown, *listed,
+                    "--expert-model-parallel-size", 2, "--grow-depth", 2, "--grow-optimizer", "reset",
+                    "--no-load-optim", "--no-load-rng")
+    assert "growth: " in log and "iteration        3/       3" in log
+    info = CheckpointInfo.read(grown)
+    assert (info.args.num_layers, info.args.moe_layer_freq) == (4, [1] * 4)
+    source = ckpt_tools.read_checkpoint(base / "iter_0000002")
+    tensors = ckpt_tools.read_checkpoint(info.path)
+    fc1 = "decoder.layers.{}.mlp.experts.experts.linear_fc1.weight"
+    assert fc1.format(1) in source
+    for layer in range(4):  # interposition: layer l comes from l // 2, exactly (one expert per source)
+        assert torch.equal(tensors[fc1.format(layer)], source[fc1.format(layer // 2)]), layer
 
 
 @pytest.fixture(scope="module")

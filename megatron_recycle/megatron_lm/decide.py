@@ -11,6 +11,7 @@ combinations naming the flag to change. No torch.distributed, no tensors are rea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,10 @@ def target_updates(plan: GrowthPlan, args, explicit: set[str], notes: list[str])
         raise GrowthError(f"--{dest.replace('_', '-')} builds a HybridModel, but the source "
                           "checkpoint is a GPT model; growing while converting GPT to hybrid is "
                           "not supported: grow it as GPT (pretrain_gpt.py)")
-    elif target.moe_layer_freq() is not None:
-        updates["moe_layer_freq"] = target.moe_layer_freq()
+    else:
+        freq = moe_layer_freq(plan, getattr(args, "moe_layer_freq", None))
+        if freq is not None:
+            updates["moe_layer_freq"] = freq
     for dest, value in upcycling.model_args(plan, getattr(args, "ffn_hidden_size", None)).items():
         given_value = getattr(args, dest, None)
         if dest in UPCYCLE_SIZE_DESTS and given_value not in (None, value):
@@ -147,6 +150,24 @@ def target_updates(plan: GrowthPlan, args, explicit: set[str], notes: list[str])
                               f"(--ffn-hidden-size / --upcycle-granularity): pass {value} or drop it")
         updates[dest] = value
     return updates
+
+
+def moe_layer_freq(plan: GrowthPlan, given) -> Optional[list[int]]:
+    """The grown `--moe-layer-freq` list: the target's where the layers are listed (the
+    checkpoint keys them by index), or a given list grown with the layers by the plan's layer
+    map; None to keep an integer (stacked layers). A given list must be the base run's (one
+    entry per source layer) or the grown one."""
+    target = plan.target.moe_layer_freq()
+    if not isinstance(given, (list, tuple)):
+        return target
+    given = [int(x) for x in given]
+    source = plan.source.moe_layer_freq() or [1] * plan.source.num_layers
+    if given == source:
+        return target or [given[s] for s in plan.layer_map]
+    if given == (target or [1] * plan.target_num_layers):
+        return given
+    raise GrowthError(f"--moe-layer-freq {given} is neither the source checkpoint's layers {source} "
+                      f"nor the grown ones {target or [1] * plan.target_num_layers}; pass one of them")
 
 
 def hybrid_pattern(plan: GrowthPlan, args, dest: Optional[str]) -> str:
@@ -216,7 +237,7 @@ def _resume_decision(args, request: Growth) -> Optional[Decision]:
 def _grow_decision(args, request: Growth) -> Decision:
     info = CheckpointInfo.read(args.load, args.ckpt_step)
     compat.check_loadable(info.path)
-    plan = request.plan(info.architecture())
+    plan = request.plan(source_architecture(info, args))
     plan.require_growth()
     provenance = Provenance(
         source=SourceRef(real_path(info.path), info.iteration, load=real_path(args.load)),
@@ -237,6 +258,19 @@ def _grow_decision(args, request: Growth) -> Decision:
     return Decision(True, plan, request, info, args.load, provenance, {}, notes)
 
 
+def source_architecture(info: CheckpointInfo, args):
+    """The checkpoint's architecture; a top-k it does not record (a checkpoint without `args`)
+    is this run's `--moe-router-topk`, the base run's script's (its default where not given)."""
+    arch = info.architecture()
+    if arch.is_moe and arch.topk is None:
+        topk = getattr(args, "moe_router_topk", None)
+        if not topk:
+            raise GrowthError(f"{info.path} records no top-k (its common state has no args): "
+                              "pass the base run's --moe-router-topk")
+        arch = dataclasses.replace(arch, topk=topk)
+    return arch
+
+
 def _configure_growth_run(args, decision: Decision) -> None:
     """Optimizer, RNG and schedule settings of the run that grows."""
     request, info = decision.request, decision.checkpoint
@@ -244,7 +278,15 @@ def _configure_growth_run(args, decision: Decision) -> None:
     # The step count continues; warmup, decay and LR come from this run's flags.
     if not args.use_checkpoint_opt_param_scheduler:
         args.override_opt_param_scheduler = True
-    if request.optimizer == "reset" or args.no_load_optim or args.finetune:
+    if request.optimizer != "reset":
+        dropping = next((f for f, on in (("--no-load-optim", args.no_load_optim),
+                                         ("--finetune", args.finetune)) if on), None)
+        if dropping is not None:  # Megatron-LM would silently not load what we grow
+            raise GrowthError(
+                f"{dropping} drops the optimizer state that --grow-optimizer {request.optimizer}"
+                f"{' (the default)' if request.optimizer == 'copy' else ''} grows: drop "
+                f"{dropping} to grow it, or pass --grow-optimizer reset for a fresh optimizer")
+    if request.optimizer == "reset":
         args.no_load_optim = True
         return
     fmt = info.optimizer_format

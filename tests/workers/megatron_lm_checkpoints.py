@@ -1,7 +1,8 @@
 """Checkpoints for the Megatron-LM adapter tests: a base, a dense one, the base with a
 dp_reshardable optimizer tag, a grown one carrying the provenance the adapter records, one grown offline
-(schema-1 record, as megatron-recycle 0.1 wrote it), and a root grown in place (--save =
---load: base at iteration 5, grown at 7).
+(schema-1 record, as megatron-recycle 0.1 wrote it), a root grown in place (--save =
+--load: base at iteration 5, grown at 7), the base saved without `args` in its common state,
+and an all-MoE base saved with `moe_layer_freq` as a list (layers keyed by index).
 
 Usage: torchrun --nproc-per-node 1 megatron_lm_checkpoints.py OUT
 """
@@ -16,6 +17,7 @@ from megatron_recycle.testing import toy
 from megatron_recycle.provenance import KEY as PROVENANCE_KEY
 
 SPEC = toy.ToySpec(num_layers=4, experts=4, topk=2)
+LISTED = toy.ToySpec(num_layers=4, experts=4, topk=2, moe_layer_freq=(1, 1, 1, 1))
 
 
 def main(out):
@@ -44,6 +46,9 @@ def main(out):
     decision = megatron_lm.configure(args, explicit)
     ckpt_tools.save_source(SPEC.grown(decision.plan), toy.Layout(), inplace, 7,
                            **{PROVENANCE_KEY: decision.provenance.to_dict()})
+    ckpt_tools.save_source(LISTED, toy.Layout(), f"{out}/listed", 5)
+    chunks = toy.build(SPEC, toy.Layout(), seed=1)
+    toy.save_checkpoint(f"{out}/noargs", 5, {"model": toy.sharded_state_dict(chunks), "iteration": 5})
     _boot.finish()
 
 

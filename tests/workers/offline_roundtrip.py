@@ -2,12 +2,16 @@
 offline-grown checkpoint to exactly what the load hook gives.
 
 Usage: torchrun --nproc-per-node 2 offline_roundtrip.py source OUT
-       torchrun --nproc-per-node 2 offline_roundtrip.py compare SRC_ITER_DIR GROWN_ITER_DIR OUT [plain]
+       torchrun --nproc-per-node 2 offline_roundtrip.py source-listed OUT
+       torchrun --nproc-per-node 2 offline_roundtrip.py compare SRC_ITER_DIR GROWN_ITER_DIR OUT [plain] [listed]
 `source` writes OUT/src (scenarios.SPEC at TP2, with a model-space optimizer state) and
-OUT/src-mixed (a mixed dense/MoE model whose layers are indexed in the keys).
+OUT/src-mixed (a mixed dense/MoE model whose layers are indexed in the keys); `source-listed`
+writes OUT/src-listed (offline_specs.LISTED at EP2 with a model-space optimizer state: all-MoE,
+layers indexed in the keys).
 `compare` loads the grown checkpoint with plain `dist_checkpointing.load` at several layouts,
 loads the source through the hook at the same layouts (unless `plain`: where this
-megatron-core cannot open the source), and writes OUT/compare.json.
+megatron-core cannot open the source), and writes OUT/compare.json; `listed`: the models are
+LISTED and LISTED_PLAN instead of scenarios.SPEC and PLAN.
 """
 
 import dataclasses
@@ -23,10 +27,13 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 import ckpt_tools
 from megatron_recycle.testing import toy
 from megatron_recycle.load_hook import GrowthLoadStrategy
-from offline_specs import MIXED
+from megatron_recycle.plan import DepthGrowth, GrowthPlan, WidthGrowth
+from offline_specs import LISTED, MIXED
 from scenarios import PLAN, SPEC
 
 LAYOUTS = {"ep2": toy.Layout(ep=2), "tp2": toy.Layout(tp=2), "pp2": toy.Layout(pp=2)}
+# what test_offline_tools' GROW_FLAGS make of LISTED
+LISTED_PLAN = GrowthPlan(LISTED.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alpha=0.01, seed=7))
 
 
 def with_optimizer(chunks, seed):
@@ -56,6 +63,14 @@ def save_sources(out):
     ckpt_tools.save_source(MIXED, toy.Layout(ep=2), f"{out}/src-mixed", iteration=3, seed=2)
 
 
+def save_listed_source(out):
+    layout = toy.Layout(ep=2)
+    toy.init_parallel(layout)
+    state = with_optimizer(toy.build(LISTED, layout, seed=3), seed=6)
+    state.update(args=toy.megatron_args(LISTED, layout), iteration=3)
+    toy.save_checkpoint(f"{out}/src-listed", 3, state)
+
+
 def tensors(state):
     return {k: v for k, v in _flatten(state) if isinstance(v, torch.Tensor)}
 
@@ -68,17 +83,17 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
-def compare(src, grown, out, plain_only=False):
+def compare(src, grown, out, plain_only=False, spec=SPEC, plan=PLAN):
     rank, _ = _boot.init()
     counts = {}
     for name, layout in LAYOUTS.items():
         toy.init_parallel(layout)
-        chunks = toy.build(SPEC.grown(PLAN), layout, seed=99)
+        chunks = toy.build(spec.grown(plan), layout, seed=99)
         plain = tensors(dist_checkpointing.load(with_optimizer(chunks, seed=0), grown))
         counts[name] = len(plain)
         if plain_only:
             continue
-        hooked = dist_checkpointing.load(with_optimizer(chunks, seed=0), src, GrowthLoadStrategy(PLAN))
+        hooked = dist_checkpointing.load(with_optimizer(chunks, seed=0), src, GrowthLoadStrategy(plan))
         hooked = tensors(hooked)
         assert plain.keys() == hooked.keys(), (name, plain.keys() ^ hooked.keys())
         for key, t in plain.items():
@@ -93,5 +108,10 @@ if __name__ == "__main__":
         _boot.init()
         save_sources(sys.argv[2])
         _boot.finish()
+    elif sys.argv[1] == "source-listed":
+        _boot.init()
+        save_listed_source(sys.argv[2])
+        _boot.finish()
     else:
-        compare(*sys.argv[2:5], plain_only=sys.argv[5:] == ["plain"])
+        models = {"spec": LISTED, "plan": LISTED_PLAN} if "listed" in sys.argv[5:] else {}
+        compare(*sys.argv[2:5], plain_only="plain" in sys.argv[5:], **models)
