@@ -2,12 +2,13 @@
 
 Usage: torchrun --nproc-per-node N bridge_growth.py PHASE OUT
 - source (1 rank): a tiny random HF Qwen3-MoE (2 layers x 4 experts, top-2) imported with Bridge
-  into OUT/import, then a Bridge pretrain() of 2 iterations at LR 0 from it (pretrained_checkpoint)
-  into OUT/base: a checkpoint with a train state and Adam moments whose weights are still the
-  HF model's. OUT/reference.pt: the tokens and the HF model's logits.
+  into OUT/import, then a Bridge pretrain() of 2 iterations from it (pretrained_checkpoint) into
+  OUT/base: a checkpoint with a train state and Adam moments. OUT/reference.pt: the tokens and the
+  HF model's logits (the base run's start must match them); OUT/base_logits.pt: the trained base
+  model's (the grown model's right after the load must match them).
 - grow (2 ranks, PP2): pretrain() with checkpoint.load=OUT/base, save=OUT/grown and growth
-  depth 2 (zero-init copies), experts 2 at alpha 0, until iteration 4.
-- requeue (2 ranks, PP2): the same job relaunched with train_iters 6.
+  depth 2 (zero-init copies), experts 2 at alpha 0, to 6 iterations, stopping at 4 (exit_interval).
+- requeue (2 ranks, PP2): the same job relaunched unchanged.
 - unconfigured (1 rank): megatron-recycle's manager named without install(): refused.
 Each pretrain phase writes OUT/<phase>.json: the step and logits right after the load (a
 callback on_train_start), and the iterations that ran.
@@ -31,6 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_recycle.bridge import GrowthConfig, pretrain  # noqa: E402
 
+LR = 1e-3  # megatron-core matches optimizer param groups by their LR settings on load
 GROWTH = GrowthConfig(depth=2, zero_init_copies=True, experts=2, noise_alpha=0.0, optimizer="copy")
 
 
@@ -52,14 +54,17 @@ def source(out: Path) -> None:
     with bridge_cpu.distributed():
         bridge_cpu.import_ckpt(out / "hf", out / "import")
     destroy_rerun_state_machine()  # the import set one up implicitly; pretrain() makes its own
-    cfg = bridge_training.tiny_config(provider(out), out / "base", train_iters=2, lr=0.0,
+    cfg = bridge_training.tiny_config(provider(out), out / "base", train_iters=2, lr=LR,
                                       pretrained_checkpoint=str(out / "import"))
     _pretrain(cfg, out, "base", growth=None)
 
 
-def grown(out: Path, phase: str, train_iters: int) -> None:
+def grown(out: Path, phase: str) -> None:
+    """The grown job; it stops (saving) at iteration 4 as a job at its time limit would, and is
+    relaunched unchanged: a requeue (the scheduler's total iterations must not change)."""
     cfg = bridge_training.tiny_config(provider(out, pipeline_model_parallel_size=2), out / "grown",
-                                      train_iters=train_iters, lr=1e-3, save_interval=2)
+                                      train_iters=6, lr=LR, save_interval=2)
+    cfg.train.exit_interval = 4
     cfg.checkpoint.load = str(out / "base")  # continue the base run: its train state carries over
     _pretrain(cfg, out, phase, growth=GROWTH)
 
@@ -94,15 +99,27 @@ def _pretrain(cfg, out: Path, phase: str, growth) -> None:
         record["start_step"] = context.state.train_state.step
         record["consumed_samples"] = context.state.train_state.consumed_train_samples
         logits = pipeline_logits(context.model, reference["tokens"])
-        if logits is not None:
-            record["max_logit_diff"] = (logits - reference["logits"]).abs().max().item()
+        if logits is not None:  # the imported HF model (base), the trained base (growth)
+            want = reference["logits"] if growth is None else torch.load(out / "base_logits.pt")
+            record["max_logit_diff"] = (logits - want).abs().max().item()
         record["lr"] = context.optimizer.param_groups[0]["lr"]
+
+    def on_train_end(context):  # the base run's trained function, which growth must keep
+        logits = pipeline_logits(context.model, reference["tokens"])
+        if logits is not None and growth is None:
+            torch.save(logits, out / "base_logits.pt")
 
     def on_train_step_end(context):
         record["iterations"].append(context.state.train_state.step + 1)  # fired before the count
+        write()
+
+    def write():
+        if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+            (out / f"{phase}.json").write_text(json.dumps(record))
 
     callbacks.register("on_train_start", on_train_start)
     callbacks.register("on_train_step_end", on_train_step_end)
+    callbacks.register("on_train_end", on_train_end)
     with bridge_cpu_cuda():
         if growth is None:
             from megatron.bridge.training.pretrain import pretrain as bridge_pretrain
@@ -110,8 +127,7 @@ def _pretrain(cfg, out: Path, phase: str, growth) -> None:
             bridge_pretrain(cfg, forward_step, callbacks=callbacks)
         else:
             pretrain(cfg, forward_step, growth, callbacks=callbacks)
-    if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
-        (out / f"{phase}.json").write_text(json.dumps(record))
+    write()
 
 
 def bridge_cpu_cuda():
@@ -151,9 +167,9 @@ def main(phase: str, out: str) -> None:
     if phase == "source":
         source(out)
     elif phase == "grow":
-        grown(out, "grow", train_iters=4)
+        grown(out, "grow")
     elif phase == "requeue":
-        grown(out, "requeue", train_iters=6)
+        grown(out, "requeue")
     elif phase == "unconfigured":
         unconfigured(out)
     else:
