@@ -165,6 +165,7 @@ def hf_config(family: str, **overrides):
     else:
         raise ValueError(f"unknown family {family!r}")
     cfg.update(overrides)
+    cfg.setdefault("architectures", [cls.__name__.replace("Config", "ForCausalLM")])  # AutoBridge's key
     return cls(**cfg)
 
 
