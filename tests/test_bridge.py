@@ -21,7 +21,7 @@ for needed in ("megatron.bridge", "transformers"):
 
 from conftest import REPO  # noqa: E402
 
-from megatron_recycle import inspection, offline, verify  # noqa: E402
+from megatron_recycle import cost, inspection, offline, verify  # noqa: E402
 from megatron_recycle.errors import GrowthError  # noqa: E402
 from megatron_recycle.io import run_config  # noqa: E402
 from megatron_recycle.options import Growth  # noqa: E402
@@ -131,6 +131,9 @@ def test_group_limited_routing_from_run_config(imported, tmp_path):
     _, _, ckpt = imported("qwen3_moe")
     source = _with_groups(ckpt, tmp_path / "grouped")
     grown = tmp_path / "grown"
+    assert inspection.summarize(source)["architecture"]["router_num_groups"] == 2
+    with pytest.raises(GrowthError, match="interleave"):  # plan, as the load hook and grow plan
+        cost.plan_report(source, GROWTHS["width"], cost.Layout(ep=2))
     with pytest.raises(GrowthError, match="interleave"):
         offline.grow(source, grown, GROWTHS["width"], log=lambda s: None)
     assert not grown.exists()
