@@ -115,11 +115,13 @@ def test_verify_catches_a_wrong_run_config(imported, tmp_path):
 
 
 def _with_groups(ckpt, dest, groups=2, group_topk=1):
-    """A copy of a Bridge checkpoint whose run_config.yaml asks for group-limited routing."""
+    """A copy of a Bridge checkpoint whose run_config.yaml asks for group-limited routing with a
+    sigmoid router (GLM-4.5 / DeepSeek-V3 style)."""
     shutil.copytree(ckpt, dest)
     path = dest / "iter_0000000" / run_config.FILE
     config = yaml.safe_load(path.read_text())
-    config["model"].update(moe_router_num_groups=groups, moe_router_group_topk=group_topk)
+    config["model"].update(moe_router_num_groups=groups, moe_router_group_topk=group_topk,
+                           moe_router_score_function="sigmoid", moe_router_pre_softmax=False)
     path.write_text(yaml.safe_dump(config))
     return dest
 
@@ -131,7 +133,8 @@ def test_group_limited_routing_from_run_config(imported, tmp_path):
     _, _, ckpt = imported("qwen3_moe")
     source = _with_groups(ckpt, tmp_path / "grouped")
     grown = tmp_path / "grown"
-    assert inspection.summarize(source)["architecture"]["router_num_groups"] == 2
+    arch = inspection.summarize(source)["architecture"]
+    assert (arch["router_num_groups"], arch["router_group_topk"], arch["score_function"]) == (2, 1, "sigmoid")
     with pytest.raises(GrowthError, match="interleave"):  # plan, as the load hook and grow plan
         cost.plan_report(source, GROWTHS["width"], cost.Layout(ep=2))
     with pytest.raises(GrowthError, match="interleave"):
