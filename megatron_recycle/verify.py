@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import hybrid, indexing, manifest, ops, policy, upcycling
+from . import companions, hybrid, indexing, manifest, ops, policy, upcycling
 from .errors import GrowthError
 from .io.checkpoint import CheckpointInfo
 from .mapping import Box
@@ -240,6 +240,9 @@ def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, re
                                      f"{getattr(args, 'moe_layer_freq', None)}, the grown model has {freq}")
     if dst.iteration != src.iteration:
         report.mismatches.append(f"common state: iteration {dst.iteration}, the source's is {src.iteration}")
+    framework_files = companions.of(src)  # e.g. Megatron-Bridge's run_config.yaml, train state
+    if framework_files is not None:
+        report.mismatches += framework_files.mismatches(dst, plan, src.dense_hidden())
     record = dst.provenance
     if record is not None:
         if record.growth_plan() != plan:

@@ -18,7 +18,10 @@ from ..errors import CheckpointError
 
 FILE = "run_config.yaml"
 # TransformerConfig field → Megatron-LM argument, where the two names differ
-_ARG_NAMES = {"num_moe_experts": "num_experts", "hybrid_override_pattern": "hybrid_layer_pattern"}
+_ARG_NAMES = {"num_moe_experts": "num_experts",
+              "num_layers_in_first_pipeline_stage": "decoder_first_pipeline_num_layers",
+              "num_layers_in_last_pipeline_stage": "decoder_last_pipeline_num_layers"}
+_FIELD_NAMES = {arg: field for field, arg in _ARG_NAMES.items()}
 
 
 def read(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
@@ -52,6 +55,11 @@ def model_args(config: dict[str, Any]) -> SimpleNamespace:
     args["params_dtype"] = dtype_name(model.get("params_dtype"))
     args["bridge_provider"] = target(model)
     return SimpleNamespace(**args)
+
+
+def field_name(arg: str) -> str:
+    """The model section's name for the Megatron-LM argument `arg`."""
+    return _FIELD_NAMES.get(arg, arg)
 
 
 def target(entry: Any) -> Optional[str]:

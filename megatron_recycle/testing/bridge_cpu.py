@@ -99,6 +99,7 @@ def cpu_provider(provider, **overrides):
     """A Bridge model provider made runnable on CPU: the local spec (no TE), no fused kernels,
     the allgather dispatcher (alltoall makes CUDA streams), no shared-expert overlap. None of
     these changes the math. `overrides`: parallel sizes and the like."""
+    install()
     from megatron.bridge.models.gpt_provider import local_layer_spec
 
     provider.transformer_layer_spec = local_layer_spec
@@ -164,6 +165,7 @@ def hf_config(family: str, **overrides):
     else:
         raise ValueError(f"unknown family {family!r}")
     cfg.update(overrides)
+    cfg.setdefault("architectures", [cls.__name__.replace("Config", "ForCausalLM")])  # AutoBridge's key
     return cls(**cfg)
 
 
@@ -225,6 +227,7 @@ def export_ckpt(hf_config_, megatron_path: Path, hf_out: Path) -> None:
 def grown_hf_config(config, run_config_model: dict[str, Any]):
     """`config` with the sizes growth changes taken from a Bridge checkpoint's run_config
     model section, through Bridge's own HF ↔ Megatron name table."""
+    install()
     from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
 
     grown = config.__class__.from_dict(config.to_dict())
