@@ -53,7 +53,9 @@ def install() -> None:
 def tiny_config(provider, save, *, train_iters: int, lr: float, seq_length: int = 16,
                 global_batch_size: int = 4, save_interval=None, **checkpoint):
     """A ConfigContainer for `provider` (made CPU-runnable): mock data, fp32 Adam without the
-    distributed optimizer, a constant LR, torch_dist checkpoints into `save`, gloo."""
+    distributed optimizer, a constant LR, torch_dist checkpoints into `save`, gloo. No RNG state
+    is saved: on CPU the CUDA RNG tracker has no states, and Bridge's resume would refuse (and
+    exit 0) on the empty ones."""
     from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer,
                                                  DistributedDataParallelConfig,
                                                  DistributedInitConfig, LoggerConfig,
@@ -83,7 +85,8 @@ def tiny_config(provider, save, *, train_iters: int, lr: float, seq_length: int 
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=provider.vocab_size),
         checkpoint=CheckpointConfig(save=str(save), load=str(save), ckpt_format="torch_dist",
                                     save_interval=save_interval or train_iters,
-                                    fully_parallel_save=False, async_save=False, **checkpoint),
+                                    fully_parallel_save=False, async_save=False,
+                                    save_rng=False, **checkpoint),
         rng=RNGConfig(seed=1),
         dist=DistributedInitConfig(distributed_backend="gloo"),
     )
