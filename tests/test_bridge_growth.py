@@ -7,16 +7,21 @@ resumes the grown checkpoint plainly. Needs megatron-bridge (the `.venv-bridge` 
 `scripts/setup_venv.sh bridge`); skips elsewhere.
 """
 
+import importlib.util
 import json
 
 import pytest
 
-pytest.importorskip("megatron.bridge", reason="needs megatron-bridge (bash scripts/setup_venv.sh bridge)")
-pytest.importorskip("transformers", reason="needs transformers (bash scripts/setup_venv.sh bridge)")
+for needed in ("megatron.bridge", "transformers"):
+    if importlib.util.find_spec(needed) is None:
+        pytest.skip(f"needs {needed} (bash scripts/setup_venv.sh bridge)", allow_module_level=True)
 
 from megatron_recycle.bridge import GrowthConfig, split_overrides  # noqa: E402
 from megatron_recycle.errors import GrowthError  # noqa: E402
 from megatron_recycle.io.checkpoint import CheckpointInfo  # noqa: E402
+from megatron_recycle.testing import bridge_cpu  # noqa: E402
+
+bridge_cpu.install()  # Bridge's import chain on CPU, for the in-process tests
 
 
 @pytest.fixture(scope="module")
