@@ -76,9 +76,10 @@ def test_requeue_resumes_the_grown_checkpoint_without_growing_again(runs):
     assert info.iteration == 6 and info.provenance.source.iteration == 2
 
 
-def test_manager_without_growth_configured_is_refused(tmp_path, ranks):
-    ranks("bridge_growth.py", 1, "unconfigured", tmp_path)
-    error = json.loads((tmp_path / "unconfigured.json").read_text())["error"]
+def test_manager_without_growth_configured_is_refused(runs, ranks):
+    out, _ = runs
+    ranks("bridge_growth.py", 1, "unconfigured", out)
+    error = json.loads((out / "unconfigured.json").read_text())["error"]
     assert "no growth is configured" in error and "install(cfg, growth)" in error
 
 
