@@ -111,11 +111,13 @@ def problems(shapes: dict[str, tuple[int, ...]], args: Any) -> list[str]:
             for texts in found.values()]
 
 
-def check(path, shapes: dict[str, tuple[int, ...]], args: Any) -> None:
-    """Refuse (CheckpointError, exit 3) a checkpoint whose args disagree with its tensors."""
+def check(path, shapes: dict[str, tuple[int, ...]], args: Any,
+          source: str = "the common state's args") -> None:
+    """Refuse (CheckpointError, exit 3) a checkpoint whose args (`source`: where they were read)
+    disagree with its tensors."""
     from .errors import CheckpointError
 
     found = problems(shapes, args)
     if found:
-        raise CheckpointError(f"{path}: the common state's args disagree with the tensors: "
+        raise CheckpointError(f"{path}: {source} and the tensors disagree: "
                               f"{'; '.join(found)}; the checkpoint is inconsistent")

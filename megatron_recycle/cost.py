@@ -134,9 +134,9 @@ def plan_report(source, growth, layout: Layout, step=None) -> dict:
     plan.check_target(expert_parallel=layout.ep, pipeline_parallel=layout.pp)
     grown = target_tensors(info, plan)
     src_shapes = info.shapes if keeps_optimizer(info) else info.model_shapes()
-    before = model_cost(src_shapes, info.dtypes, plan.source, info.args, layout)
+    before = model_cost(src_shapes, info.dtypes, plan.source, info.model_args, layout)
     after = model_cost({k: s for k, (s, _) in grown.items()}, {k: d for k, (_, d) in grown.items()},
-                       plan.target, info.args, layout)
+                       plan.target, info.model_args, layout)
     return {
         "source": str(info.path),
         "layout": {"tp": layout.tp, "ep": layout.ep, "pp": layout.pp, "dp": layout.data_parallel()},

@@ -34,7 +34,7 @@ def summarize(path, step=None) -> dict:
     info = CheckpointInfo.read(path, step, "CKPT")
     arch = info.architecture()
     model = info.model_shapes()
-    args = info.args
+    args = info.model_args
     counts = cost.count_params(model, arch.topk, arch.num_experts)
     pattern = arch.hybrid_pattern or "".join(
         "M" if m else "D" for m in (arch.moe_layers or [arch.is_moe] * arch.num_layers))
@@ -55,7 +55,22 @@ def summarize(path, step=None) -> dict:
         "checkpoint_bytes": sum(
             math.prod(s) * info.dtypes[k].itemsize for k, s in info.shapes.items()),
         "provenance": None if provenance is None else provenance.summary(),
+        "bridge": None if info.run_config is None else bridge_view(info.run_config),
     }
+
+
+def bridge_view(config: dict) -> dict:
+    """What Megatron-Bridge builds from the checkpoint's run_config.yaml (its model section)."""
+    from .io import run_config
+
+    model = config["model"]
+    keys = ("num_layers", "num_moe_experts", "moe_router_topk", "moe_layer_freq",
+            "moe_router_score_function", "moe_router_enable_expert_bias",
+            "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
+            "mtp_num_layers", "hybrid_layer_pattern", "tensor_model_parallel_size",
+            "pipeline_model_parallel_size", "expert_model_parallel_size")
+    return {"provider": run_config.target(model), "params_dtype": run_config.dtype_name(model.get("params_dtype")),
+            **{k: model.get(k) for k in keys if k in model}}
 
 
 def table(s: dict) -> str:
@@ -91,5 +106,9 @@ def table(s: dict) -> str:
             rows.append((f"{earlier}growth record", "INCONSISTENT: " + "; ".join(p["disagreements"])))
         p, back = p["previous"], back + 1
         earlier = f"earlier growth {back}: "  # the growth that made the source, and before it
+    bridge = s["bridge"]
+    if bridge is not None:
+        rows.append(("Megatron-Bridge run_config", bridge["provider"]))
+        rows += [(f"  {k}", v) for k, v in bridge.items() if k != "provider"]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:{width}}  {value}" for name, value in rows)

@@ -11,10 +11,11 @@
    are independent: `--workers N` processes, or the ranks of a torch.distributed job
    (torchrun / srun, gloo), share them.
 4. Commit: once every batch file is durable, one `.metadata` over all batches, the common
-   state (grown args, provenance), `metadata.json` and last the tracker file are written;
-   the source is checked to be what it was when the grow started (`io/snapshot.py`: every
-   rank after its last read, rank 0 again here), and the staging directory is renamed to the
-   destination.
+   state (grown args, provenance), `metadata.json`, the files the source's framework keeps
+   beside the weights (`companions.py`: Megatron-Bridge's run_config.yaml, train state,
+   tokenizer) and last the tracker file are written; the source is checked to be what it was
+   when the grow started (`io/snapshot.py`: every rank after its last read, rank 0 again here),
+   and the staging directory is renamed to the destination.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__, hybrid, policy, upcycling
+from . import __version__, companions, hybrid, policy, upcycling
 from .cost import human
 from .distributed import Job
 from .errors import GrowthError
@@ -122,24 +123,38 @@ def tracker_text(info: CheckpointInfo) -> str:
                       "or release (Megatron-LM finds iterations by that name)")
 
 
+def grown_model_args(plan: GrowthPlan, recorded: Callable[[str], object], dense_hidden) -> dict:
+    """The model arguments (Megatron-LM names) that growth changes, and their grown values;
+    `recorded(name)`: the source's value, or None. Pipeline stage sizes keep their stage
+    boundaries: a stage gets every copy of the layers it had."""
+    target = plan.target
+    out: dict = {"num_layers": target.num_layers}
+    if target.is_moe:
+        out["num_experts"] = target.num_experts
+        out["moe_router_topk"] = target.topk
+    if target.is_hybrid:  # as many pipeline segments as the source's pattern had
+        for name in ("hybrid_layer_pattern", "hybrid_override_pattern"):
+            if recorded(name):
+                segments = recorded(name).partition(hybrid.MTP)[0].count(hybrid.PIPE) + 1
+                out[name] = plan.target_hybrid_pattern(segments)
+    elif target.moe_layer_freq() is not None:
+        out["moe_layer_freq"] = target.moe_layer_freq()
+    if not target.is_hybrid:
+        first, last = "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"
+        if recorded(first):
+            out[first] = sum(1 for s in plan.layer_map if s < recorded(first))
+        if recorded(last):
+            out[last] = sum(1 for s in plan.layer_map if s >= plan.source.num_layers - recorded(last))
+    out.update(upcycling.model_args(plan, recorded("ffn_hidden_size") or dense_hidden))
+    return out
+
+
 def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, optimizer: str) -> dict:
     """The common state of the grown checkpoint: args describe the grown model; provenance."""
     common = copy.copy(info.common)
-    target = plan.target
     if info.args is not None:
         args = copy.copy(info.args)
-        args.num_layers = target.num_layers
-        if target.is_moe:
-            args.num_experts = target.num_experts
-            args.moe_router_topk = target.topk
-        if target.is_hybrid:  # as many pipeline segments as the source's pattern had
-            for name in ("hybrid_layer_pattern", "hybrid_override_pattern"):
-                if getattr(args, name, None):
-                    segments = getattr(args, name).partition(hybrid.MTP)[0].count(hybrid.PIPE) + 1
-                    setattr(args, name, plan.target_hybrid_pattern(segments))
-        elif target.moe_layer_freq() is not None:
-            args.moe_layer_freq = target.moe_layer_freq()
-        for name, value in upcycling.model_args(plan, getattr(args, "ffn_hidden_size", None) or info.dense_hidden()).items():
+        for name, value in grown_model_args(plan, lambda n: getattr(args, n, None), info.dense_hidden()).items():
             setattr(args, name, value)
         common["args"] = args
     if not keep_optimizer:
@@ -188,6 +203,9 @@ def grow(
                               log=lambda s: log(f"grow: {s}"))
     destination.check_overlap(info.path)
     plan.require_growth()  # after the destination's checks, which say more about a mistyped --save
+    framework_files = companions.of(info)  # read and checked before anything is written
+    if framework_files is not None:
+        framework_files.grown_config(plan, info.dense_hidden())
 
     notes = list(plan.exactness_notes())
     if info.optimizer_format and optimizer == "reset":
@@ -197,6 +215,8 @@ def grow(
         notes.append(f"optimizer state ({info.optimizer_format}) is tied to the saving job's "
                      "parallel layout and cannot be grown; it is dropped: load the grown "
                      "checkpoint with --no-load-optim")
+    if framework_files is not None:
+        notes += framework_files.notes(plan)
     pieces = target_pieces(info, plan, max(batch_bytes // 4, 1), keep_optimizer)
     objects = target_objects(info, plan, keep_optimizer)
     work = batches(pieces, objects, batch_bytes)
@@ -224,6 +244,9 @@ def grow(
         results = [per_rank[number % job.world][number] for number in range(len(work))]
         finish(out_dir, pieces, objects, results, grown_common(info, plan, keep_optimizer, optimizer),
                (info.path / "metadata.json").read_bytes(), common_number=len(work))
+        if framework_files is not None:
+            for path in framework_files.write(staging, out_dir, plan, info.dense_hidden()):
+                fsync(path)
         (staging / TRACKER_FILE).write_text(tracker)  # last: only now is it a checkpoint
         fsync(staging / TRACKER_FILE)
         pinned.check()  # after every rank's last read

@@ -407,6 +407,14 @@ class GrowthPlan:
                 notes.append("top-k kept: each token reaches fewer distinct experts")
             elif src.score_function == "sigmoid" and src.topk == 1:
                 notes.append("sigmoid router with top-1 source: top-k > 1 renormalises scores")
+            groups, chosen = src.router_num_groups, src.router_group_topk
+            if groups and chosen and chosen < groups:
+                notes.append(
+                    f"group-limited routing ({groups} groups, top-{chosen}): Megatron scores a "
+                    f"group by its top-(top-k / {chosen}) experts, so the grown model picks the "
+                    "source's groups; Hugging Face's Glm4Moe / DeepSeek-V3 score a group by its "
+                    f"top-2, which after growth are copies of one expert: exported to Hugging Face, "
+                    "the grown model can pick other groups than the source (not exact)")
         if any(c > 0 for c in self.layer_copy) and not self.depth.zero_copy_outputs:
             notes.append("copied layers add their output again (use zero-init copies for identity)")
         return notes

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import consistency, hybrid, indexing, manifest, ops, policy, upcycling
+from . import companions, consistency, hybrid, indexing, manifest, ops, policy, upcycling
 from .errors import GrowthError
 from .io.checkpoint import CheckpointInfo, iteration_dir
 from .mapping import Box
@@ -245,6 +245,9 @@ def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, re
                                        or dst.path.name != iteration_dir(dst.path.parent, dst.iteration).name):
         report.mismatches.append(f"{dst.path.name}: the iteration directory's name disagrees with "
                                  f"the common state's iteration {dst.iteration}")
+    framework_files = companions.of(src)  # e.g. Megatron-Bridge's run_config.yaml, train state
+    if framework_files is not None:
+        report.mismatches += framework_files.mismatches(dst, plan, src.dense_hidden())
     record = dst.provenance
     if record is not None:
         report.mismatches += [f"common state: the growth record disagrees with itself: {p}"

@@ -23,6 +23,7 @@ from ..errors import CheckpointError, GrowthError
 from ..plan import Architecture
 from ..policy import DP_RESHARDABLE_KEY
 from ..provenance import Provenance
+from . import run_config
 from .reader import SafeFileSystemReader, read_object
 from .safe_pickle import forbidden, refusal
 
@@ -146,6 +147,7 @@ class CheckpointInfo:
     dtypes: dict[str, torch.dtype]
     objects: list[str]  # storage keys of the ShardedObjects (`{key}/shard_{offset}_{shape}`)
     common: dict[str, Any] = field(repr=False)
+    run_config: Optional[dict[str, Any]] = field(default=None, repr=False)  # Megatron-Bridge's
 
     @classmethod
     def read(cls, path: str | os.PathLike, step: Optional[int] = None, flag: str = "--load"):
@@ -161,11 +163,24 @@ class CheckpointInfo:
             elif isinstance(md, BytesStorageMetadata) and not compat.is_common_state_object(k):
                 objects.append(k)
         common = read_common_state(ckpt)
-        return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=objects, common=common)
+        return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=objects, common=common,
+                   run_config=run_config.read(ckpt))
 
     @property
     def args(self):
         return self.common.get("args")
+
+    @property
+    def model_args(self):
+        """The model's configuration under Megatron-LM's argument names: the common state's
+        args, else a Megatron-Bridge checkpoint's run_config.yaml model section, else None."""
+        if self.args is not None or self.run_config is None:
+            return self.args
+        return run_config.model_args(self.run_config)
+
+    @property
+    def model_args_source(self) -> str:
+        return "the common state's args" if self.args is not None else run_config.FILE
 
     @property
     def iteration(self) -> Optional[int]:
@@ -200,18 +215,20 @@ class CheckpointInfo:
         return {k: s for k, s in self.shapes.items() if not k.startswith("optimizer.")}
 
     def architecture(self) -> Architecture:
-        """From the common state's `args` where present, else from the tensors' global shapes."""
+        """From `model_args` (args or run_config.yaml) where present, else from the tensors'
+        global shapes."""
         shapes = self.model_shapes()
         num_layers = indexing.decoder_layer_count(shapes)
         if num_layers is None:
             raise GrowthError(f"{self.path}: no decoder.layers.* tensors; not a GPT or hybrid checkpoint")
         experts = indexing.expert_count(shapes)
-        args = self.args
+        args = self.model_args
 
         def get(name, default=None):
             return getattr(args, name, default) if args is not None else default
 
-        consistency.check(self.path, shapes, args)  # every reader of the args goes through here
+        # every reader of the args (or of run_config.yaml) goes through here
+        consistency.check(self.path, shapes, args, self.model_args_source)
         pattern = self._hybrid_pattern(shapes, get("hybrid_layer_pattern") or get("hybrid_override_pattern"))
         moe_layers = indexing.moe_layer_pattern(shapes, num_layers)
         return Architecture(
@@ -234,7 +251,7 @@ class CheckpointInfo:
         if recorded:
             main, mtp = hybrid.split(recorded)
             if spelled is not None and spelled != main:
-                raise CheckpointError(f"{self.path}: the common state's args give the hybrid layer "
+                raise CheckpointError(f"{self.path}: {self.model_args_source} gives the hybrid layer "
                                       f"pattern {recorded!r} but the tensors spell {spelled!r}; "
                                       "the checkpoint is inconsistent")
             return main + mtp

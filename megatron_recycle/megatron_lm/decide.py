@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__, compat, hybrid, upcycling
+from .. import compat, hybrid, upcycling
 from ..errors import GrowthError
-from ..io.checkpoint import CheckpointInfo, is_checkpoint_root
+from ..growth_run import (check_optimizer_growth, find_grown, growth_notes, growth_provenance,
+                          has_checkpoint, plan_growth, real_path)
+from ..io.checkpoint import CheckpointInfo
 from ..options import Growth, add_growth_args, growth_from_args
 from ..plan import GrowthPlan
-from ..policy import load_moment_policy
-from ..provenance import Provenance, SourceRef
+from ..provenance import Provenance
 
 # Megatron-LM argument dests that growth sets; their values given on the command line are
 # checked against the plan.
@@ -41,13 +40,6 @@ def requested(args) -> Optional[Growth]:
     """The growth the `--grow-*` / `--upcycle-*` flags ask for; None when they ask for none."""
     growth = growth_from_args(args)
     return growth if growth.asked else None
-
-
-def made(growth: Growth, provenance: Optional[Provenance], source_root: str, step: Optional[int]) -> bool:
-    """Whether `provenance` records this very growth of `source_root` (at `step`)."""
-    return (provenance is not None and provenance.source.load == source_root
-            and (step is None or provenance.source.iteration == step)
-            and growth.same_plan(provenance.plan))
 
 
 @dataclass
@@ -197,35 +189,15 @@ def _is_target(plan: GrowthPlan, dest: str, value) -> bool:
                      "moe_router_topk": plan.target_topk}[dest]
 
 
-def real_path(path) -> str:
-    return os.path.realpath(os.fspath(path))
-
-
-def _has_checkpoint(root) -> bool:
-    return bool(root) and is_checkpoint_root(Path(root))
-
-
 def _resume_decision(args, request: Growth) -> Optional[Decision]:
     """A checkpoint grown from this `--load` with these options, in `--save` or `--load`:
     a requeued job. It is loaded plainly, whatever iteration it reached."""
-    source_root = real_path(args.load)
-    candidates = [r for r in dict.fromkeys([args.save, args.load]) if _has_checkpoint(r)]
-    for root in candidates:
-        info = CheckpointInfo.read(root, flag="--save" if root == args.save else "--load")
-        prov = info.provenance
-        if not made(request, prov, source_root, args.ckpt_step):
-            continue
-        plan = prov.growth_plan()
-        have = info.architecture()
-        if (have.num_layers, have.num_experts) != (plan.target.num_layers, plan.target.num_experts):
-            raise GrowthError(
-                f"{info.path} records growth to {plan.target.num_layers} layers / "
-                f"{plan.target.num_experts} experts but holds {have.num_layers} / "
-                f"{have.num_experts}; the checkpoint is inconsistent")
-        note = (f"{info.path} was already grown from {prov.source.path} with these "
-                "options: resuming it, no growth")
-        return Decision(False, plan, request, info, str(root), prov, {}, [note])
-    if _has_checkpoint(args.save) and real_path(args.save) != source_root:
+    roots = [(r, "--save" if r == args.save else "--load") for r in dict.fromkeys([args.save, args.load])]
+    grown = find_grown(request, roots, [args.load], args.ckpt_step)
+    if grown is not None:
+        return Decision(False, grown.plan, request, grown.info, grown.root, grown.provenance, {},
+                        [grown.note()])
+    if has_checkpoint(args.save) and real_path(args.save) != real_path(args.load):
         info = CheckpointInfo.read(args.save, flag="--save")
         raise GrowthError(
             f"--save {args.save} already holds a checkpoint (iteration {info.iteration}) that "
@@ -237,25 +209,13 @@ def _resume_decision(args, request: Growth) -> Optional[Decision]:
 def _grow_decision(args, request: Growth) -> Decision:
     info = CheckpointInfo.read(args.load, args.ckpt_step)
     compat.check_loadable(info.path)
-    plan = request.plan(source_architecture(info, args))
-    plan.require_growth()
-    provenance = Provenance(
-        source=SourceRef(real_path(info.path), info.iteration, load=real_path(args.load)),
-        plan=plan.describe(),
-        optimizer_policy=request.optimizer,
-        optimizer="dropped" if request.optimizer == "reset" else "grown",
-        grown_by="megatron-lm",
-        version=__version__,
-        rewarmup_iters=request.rewarmup_iters,
-        layout={"tensor_model_parallel_size": args.tensor_model_parallel_size,
-                "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-                "expert_model_parallel_size": args.expert_model_parallel_size},
-        previous=info.provenance,
-    )
-    notes = [f"growing {info.path}: {plan.source.num_layers} -> {plan.target_num_layers} layers, "
-             f"{plan.source.num_experts} -> {plan.target_num_experts} experts, top-k "
-             f"{plan.source.topk} -> {plan.target_topk}"] + plan.exactness_notes()
-    return Decision(True, plan, request, info, args.load, provenance, {}, notes)
+    plan = plan_growth(request, source_architecture(info, args))
+    layout = {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+              "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+              "expert_model_parallel_size": args.expert_model_parallel_size}
+    provenance = growth_provenance(request, plan, info, args.load, "megatron-lm", layout,
+                                   optimizer_loaded=request.optimizer != "reset")
+    return Decision(True, plan, request, info, args.load, provenance, {}, growth_notes(info, plan))
 
 
 def source_architecture(info: CheckpointInfo, args):
@@ -289,16 +249,7 @@ def _configure_growth_run(args, decision: Decision) -> None:
     if request.optimizer == "reset":
         args.no_load_optim = True
         return
-    fmt = info.optimizer_format
-    load_moment_policy(request.optimizer, fmt)  # refuses what cannot be grown, saying why
-    if (fmt == "non_distributed") == bool(args.use_distributed_optimizer):
-        raise GrowthError(
-            f"--grow-optimizer {request.optimizer}: {info.path} was saved "
-            f"{'without' if fmt == 'non_distributed' else 'with'} --use-distributed-optimizer "
-            "and this run differs; match it or use --grow-optimizer reset")
     src_ep = getattr(info.args, "expert_model_parallel_size", 1) or 1
-    if (src_ep == 1) != (args.expert_model_parallel_size == 1):  # one optimizer vs dense + expert
-        raise GrowthError(
-            f"--grow-optimizer {request.optimizer}: Megatron's optimizer state cannot move between "
-            f"--expert-model-parallel-size 1 and > 1 (source {src_ep}, now "
-            f"{args.expert_model_parallel_size}); use --grow-optimizer reset")
+    check_optimizer_growth(request.optimizer, info, args.use_distributed_optimizer, src_ep,
+                           args.expert_model_parallel_size, "--use-distributed-optimizer",
+                           "--expert-model-parallel-size")
