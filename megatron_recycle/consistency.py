@@ -119,5 +119,5 @@ def check(path, shapes: dict[str, tuple[int, ...]], args: Any,
 
     found = problems(shapes, args)
     if found:
-        raise CheckpointError(f"{path}: {source} and the tensors disagree: "
+        raise CheckpointError(f"{path}: {source} disagree with the tensors: "
                               f"{'; '.join(found)}; the checkpoint is inconsistent")

@@ -116,7 +116,7 @@ def _config(out, save, **checkpoint):
     from megatron_recycle.testing import bridge_training
 
     bridge_training.install()
-    from bridge_growth import provider
+    from workers.bridge_growth import provider
 
     cfg = bridge_training.tiny_config(provider(out), save, train_iters=2, lr=1e-3)
     for name, value in checkpoint.items():

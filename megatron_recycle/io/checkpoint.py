@@ -228,7 +228,8 @@ class CheckpointInfo:
             return getattr(args, name, default) if args is not None else default
 
         # every reader of the args (or of run_config.yaml) goes through here
-        consistency.check(self.path, shapes, args, self.model_args_source)
+        consistency.check(self.path, shapes, args, "the common state's args" if self.args is not None
+                          else f"the model arguments in {run_config.FILE}")
         pattern = self._hybrid_pattern(shapes, get("hybrid_layer_pattern") or get("hybrid_override_pattern"))
         moe_layers = indexing.moe_layer_pattern(shapes, num_layers)
         return Architecture(
