@@ -96,7 +96,7 @@ def payloads(offline_sources, tmp_path_factory):
 def test_no_command_runs_code_from_a_checkpoint(payloads, offline_sources, where):
     out, marker, made = payloads
     ckpt, named = made[where]
-    commands = [["grow", "--load", ckpt, "--save", out / f"grown-{where}"]]
+    commands = [["grow", "--load", ckpt, "--save", out / f"grown-{where}", *GROW_FLAGS]]
     if where != "object":  # objects are only read by grow
         commands += [["inspect", ckpt], ["plan", "--load", ckpt, "--grow-experts", "2"],
                      ["verify", "--source", ckpt, "--grown", ckpt],
