@@ -128,13 +128,12 @@ class Destination:
                 "replaces a checkpoint; pick a new directory")
         foreign = _entries(existing) - self.parts - members
         if foreign:
-            named = ", ".join(n + ("/" if (existing / n).is_dir() else "") for n in sorted(foreign)[:8])
             more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
             raise GrowthError(
-                f"{self.flag} {self.given} also holds {named}{more}: --overwrite replaces a "
-                f"checkpoint ({', '.join(n + ('/' if (existing / n).is_dir() else '') for n in sorted(members))}) and nothing else (an old run's other "
-                "iterations beside the grown one would load into the grown model); move them out "
-                "or pick a new directory")
+                f"{self.flag} {self.given} also holds {_listing(existing, sorted(foreign)[:8])}{more}: "
+                f"--overwrite replaces a checkpoint ({_listing(existing, sorted(members))}) and "
+                "nothing else (an old run's other iterations beside the grown one would load into "
+                "the grown model); move them out or pick a new directory")
 
     def check_overlap(self, source: Path, include_parent: bool = True) -> None:
         """Refuse a destination inside the source's root (the parent of an iteration directory,
@@ -312,6 +311,11 @@ def _short_name(name: str) -> str:
 
 def _entries(path: Path) -> set[str]:
     return set(os.listdir(path))
+
+
+def _listing(directory: Path, names) -> str:
+    """Entry names as a user reads them: directories with a trailing slash."""
+    return ", ".join(n + ("/" if (directory / n).is_dir() else "") for n in names)
 
 
 def _restore_command(moved: Path, path: Path) -> str:
