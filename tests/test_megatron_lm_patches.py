@@ -50,6 +50,9 @@ def test_the_patched_script_of_this_checkout_installs_the_hooks(tmp_path):
     if MISSING or _needs_python_312():
         pytest.skip(f"importing Megatron-LM's training code needs {MISSING or 'Python >= 3.12'}")
     head = git("rev-parse", "HEAD").stdout.strip()
+    if not head:
+        # Outside git every rev-parse prints nothing, so every patch would "name" it.
+        pytest.skip(f"{MEGATRON_LM} is not a git checkout: cannot tell its revision")
     mine = [p for p in PATCHES if git("rev-parse", f"{revision(p)}^{{commit}}").stdout.strip() == head]
     if not mine:
         pytest.skip(f"no patch names the checked-out revision {head[:10]}")
