@@ -64,6 +64,6 @@ def test_the_patched_script_of_this_checkout_installs_the_hooks(tmp_path):
              "print(checkpointing.generate_state_dict.__qualname__)")
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path), MEGATRON_LM],
                           capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])))
     assert done.returncode == 0, done.stderr[-4000:]
     assert "Integration" in done.stdout.splitlines()[-1]
