@@ -156,16 +156,16 @@ def map_shard(
     if reinit_unit:
         return Fill(source=None, noise=_drawn(plan, name, came_from.layer, ((came_from.expert, -1),),
                                               global_shape[prepend:], global_offset[prepend:]))
-    if init.reinit_expert_copies and copy_rows:  # the copies' rows drawn afresh, their biases zero
-        drawn = tuple((target_rows[i], i) for i in copy_rows)
-        return Fill(source=source, rows=rows, zero_rows=copy_rows,
-                    noise=_drawn(plan, name, came_from.layer, drawn, global_shape[prepend + 1:],
-                                 global_offset[prepend + 1:]) if router_weight and not moment else None)
-    zero_rows = copy_rows if zero_moments else ()
     scale, scaled_rows = 1.0, None
     if init.weight_multiplier != 1.0 and not moment and (is_copy or copy_rows):
         scale = init.weight_multiplier
         scaled_rows = copy_rows if rows is not None and came_from.layer_copy == 0 else None
+    if init.reinit_expert_copies and copy_rows:  # the copies' rows drawn afresh, their biases zero
+        drawn = tuple((target_rows[i], i) for i in copy_rows)
+        return Fill(source=source, rows=rows, zero_rows=copy_rows, scale=scale, scaled_rows=scaled_rows,
+                    noise=_drawn(plan, name, came_from.layer, drawn, global_shape[prepend + 1:],
+                                 global_offset[prepend + 1:]) if router_weight and not moment else None)
+    zero_rows = copy_rows if zero_moments else ()
     noise = None
     wants_noise = plan.width.noise_alpha > 0 and not moment
     if wants_noise and copy_rows:
