@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckpt_tools
-from scenarios import PLAN
+from scenarios import COPY_INIT_PLAN, PLAN
 
 GROW_FLAGS = ["--grow-depth", "2", "--grow-experts", "2", "--grow-noise-alpha", "0.01", "--grow-seed", "7"]
 
@@ -108,7 +108,7 @@ COPY_INIT = {
 
 
 @pytest.mark.parametrize("name", COPY_INIT)
-def test_copy_init_options_grow_by_their_definition_and_verify(grown, name):
+def test_copy_init_options_grow_by_their_definition_and_verify(ranks, grown, name):
     out, _, _ = grown
     m, flags = COPY_INIT[name]
     flags = [*GROW_FLAGS, "--grow-weight-multiplier", m, *flags]
@@ -116,6 +116,11 @@ def test_copy_init_options_grow_by_their_definition_and_verify(grown, name):
     assert "verify: OK" in cli("verify", "--source", out / "src", "--grown", out / name).stdout
     wrong = cli("verify", "--source", out / "src", "--grown", out / name, *flags[:-1], check=False)
     assert wrong.returncode == 1 and "FAILED" in wrong.stdout  # the options are checked, not trusted
+    if name == "multiplier-reinit-zero-bias":  # the load hook in three layouts: the same, bit for bit
+        record = ckpt_tools.common_state(out / name)["megatron_recycle"]["plan"]
+        assert record == COPY_INIT_PLAN.describe()
+        ranks("offline_roundtrip.py", 2, "compare", out / "src" / "iter_0000005", out / name / "iter_0000005",
+              out / name, "copy-init")
     source = ckpt_tools.read_checkpoint(out / "src" / "iter_0000005")
     tensors = ckpt_tools.read_checkpoint(out / name / "iter_0000005")
     copy_layer = torch.tensor([c > 0 for c in PLAN.layer_copy])
