@@ -222,7 +222,12 @@ def growth_from_args(args: argparse.Namespace) -> Growth:
     init = CopyInit(weight_multiplier=args.grow_weight_multiplier, random_router=args.grow_random_router,
                     reinit_expert_copies=args.grow_reinit_expert_copies,
                     zero_expert_bias=args.grow_zero_expert_bias, init_std=args.grow_init_std)
-    return Growth(depth, width, upcycle, args.grow_optimizer, args.grow_rewarmup_iters, init)
+    growth = Growth(depth, width, upcycle, args.grow_optimizer, args.grow_rewarmup_iters, init)
+    if init != _INIT and not growth.asked:  # else a launch script would ignore them silently
+        raise GrowthError("--grow-weight-multiplier / --grow-random-router / --grow-reinit-expert-copies"
+                          " / --grow-zero-expert-bias / --grow-init-std change how a growth copies: give "
+                          "--grow-depth, --grow-experts or --grow-layer-map too")
+    return growth
 
 
 def growth_options_given(args: argparse.Namespace) -> bool:

@@ -105,6 +105,7 @@ def test_a_bad_flag_is_one_line_naming_it(argv, flag, capsys):
      "drop --grow-depth, --grow-depth-method"),
     (["grow", "--save", "{out}/never"], "the --grow-* options change nothing"),
     (["plan", "--grow-noise-alpha", "nan"], "--grow-noise-alpha must be between 0 and 1"),
+    (["grow", "--save", "{out}/never", "--grow-zero-expert-bias"], "change how a growth copies: give --grow-depth"),
     (["grow", "--save", "{out}/never", "--grow-depth", "2", "--grow-random-router"],
      "--grow-random-router is a baseline of expert growth: give --grow-experts M > 1 (now 1)"),
 ])
