@@ -10,8 +10,9 @@ library's sources), checkpointed at several points; then, from those checkpoints
 through the load hook with the same flags a user passes, each given the same extra steps:
 1. interposition vs stack (depth x2) from an early and a late base, and the per-layer weight
    norms of base, interposed and stacked models;
-2. the copies' noise (width x2): alpha 0.01 vs alpha 0 vs re-initialised copies, with the
-   router similarity of copies to their originals and the expert-load entropy;
+2. the copies' noise (width x2): alpha 0.01 vs alpha 0 vs re-initialised copies
+   (`--grow-reinit-expert-copies`), with the router similarity of copies to their originals
+   and the expert-load entropy;
 3. grown vs trained from scratch with the same extra compute (FLOPs), for depth, width, both;
 4. sunk cost: bases from several points of one run, the same extra compute each;
 5. the optimizer state after growth: carried (`copy`) vs `reset` (the paper resets).
@@ -105,7 +106,7 @@ def runs(config: dict) -> list[tuple[str, list[str], dict]]:
                   extra={"save": True})
         for name, flags, extra in (("width-alpha0.01", ["--grow-noise-alpha", 0.01], {}),
                                    ("width-alpha0", ["--grow-noise-alpha", 0], {}),
-                                   ("width-reinit", ["--grow-noise-alpha", 0], {"reinit": True})):
+                                   ("width-reinit", ["--grow-reinit-expert-copies"], {})):
             grown(name, last, "--grow-experts", 2, *flags, extra={**extra, "router_stats": True})
         grown("depth-width", last, "--grow-depth", 2, "--grow-experts", 2)
         grown("depth-width-optimizer-reset", last, "--grow-depth", 2, "--grow-experts", 2,
@@ -142,41 +143,8 @@ def worker(out: Path, config: dict) -> None:
 
 
 def _customize(run, extra: dict) -> None:
-    if extra.get("reinit"):
-        _reinit_copies(run)
     if extra.get("router_stats"):
         run.eval_metrics.append(_router_stats)
-
-
-def _expert_params(run):
-    """(global expert id, parameter) of this rank's routed experts."""
-    from megatron.core import parallel_state as ps
-
-    per_rank = run.spec.experts // ps.get_expert_model_parallel_world_size()
-    first = ps.get_expert_model_parallel_rank() * per_rank
-    for chunk in run.chunks:
-        for name, param in chunk.named_parameters():
-            if ".local_experts." in name:
-                yield first + int(name.split(".local_experts.")[1].split(".")[0]), param
-
-
-def _reinit_copies(run) -> None:
-    """The paper's ablation: the new experts (and their router rows) re-initialised at random,
-    as a fresh model's (std 0.02), instead of copied."""
-    import torch
-
-    source = run.plan.source.num_experts
-    gen = torch.Generator().manual_seed(run.args.seed)
-    with torch.no_grad():
-        for expert, param in _expert_params(run):
-            if expert >= source:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        for chunk in run.chunks:
-            for name, param in chunk.named_parameters():
-                if name.endswith("router.weight"):
-                    param[source:].copy_(torch.randn(param[source:].shape, generator=gen) * 0.02)
-    for optimizer in getattr(run.optimizer, "chained_optimizers", [run.optimizer]):
-        optimizer.reload_model_params()  # the fp32 main params follow the new weights
 
 
 def _router_stats(run) -> dict:

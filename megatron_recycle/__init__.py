@@ -13,9 +13,9 @@ checkpoints through the same engine), testing/ (CPU shims, toy models: not used 
 __version__ = "0.2.0"
 
 from .errors import CheckpointError, GrowthError  # noqa: E402,F401
-from .plan import Architecture, DepthGrowth, GrowthPlan, WidthGrowth  # noqa: E402,F401
+from .plan import Architecture, CopyInit, DepthGrowth, GrowthPlan, WidthGrowth  # noqa: E402,F401
 
-__all__ = ["Architecture", "CheckpointError", "DepthGrowth", "GrowthError", "GrowthLoadStrategy",
+__all__ = ["Architecture", "CheckpointError", "CopyInit", "DepthGrowth", "GrowthError", "GrowthLoadStrategy",
            "GrowthPlan", "WidthGrowth"]
 
 

@@ -30,7 +30,7 @@ from .errors import CheckpointError
 from .io.checkpoint import CheckpointInfo
 from .io.reader import read_boxes
 from .mapping import Box, Fill, map_object, map_shard
-from .plan import DepthGrowth, GrowthError, GrowthPlan, Upcycling, WidthGrowth
+from .plan import CopyInit, DepthGrowth, GrowthError, GrowthPlan, Upcycling, WidthGrowth
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         optimizer_policy: str = "copy",
         source: Optional[str | os.PathLike] = None,
         upcycle: Optional[Upcycling] = None,
+        init: Optional[CopyInit] = None,
     ):
         """`optimizer_policy` (`--grow-optimizer`): copy / zero grow optimizer state the load
         asks for; reset means none is asked for. `source`: grow only what is loaded from this
@@ -60,13 +61,14 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         # megatron-core 0.19.0 can dequantize FP8 targets tensor by tensor inside its reader;
         # growth writes into the targets itself, so they are dequantized before the load.
         self.stream_ckpt_dequant = False
-        if plan is not None and (depth is not None or width is not None or upcycle is not None):
-            raise GrowthError("give either a GrowthPlan or depth/width/upcycle options, not both")
+        if plan is not None and any(o is not None for o in (depth, width, upcycle, init)):
+            raise GrowthError("give either a GrowthPlan or depth/width/upcycle/init options, not both")
         policy.check_optimizer_policy(optimizer_policy)
         self.plan = plan
         self.depth = depth or DepthGrowth()
         self.width = width or WidthGrowth()
         self.upcycle = upcycle or Upcycling()
+        self.init = init or CopyInit()
         self.optimizer_policy = optimizer_policy
         self.source = None if source is None else os.path.realpath(source)
         self._info: dict[Path, CheckpointInfo] = {}
@@ -80,7 +82,7 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
     def plan_for(self, checkpoint_dir) -> GrowthPlan:
         if self.plan is None:
             arch = self.source_info(checkpoint_dir).architecture()
-            self.plan = GrowthPlan(arch, self.depth, self.width, self.upcycle)
+            self.plan = GrowthPlan(arch, self.depth, self.width, self.upcycle, self.init)
         return self.plan
 
     @torch.no_grad()
@@ -242,7 +244,7 @@ def _not_finite(sh: ShardedTensor, how: Fill, overflow: bool, alpha: float) -> C
 
 
 def _sigma_units(fills) -> set[Box]:
-    return {f.noise.sigma_unit for _, f in fills if f.noise is not None}
+    return {f.noise.sigma_unit for _, f in fills if f.noise is not None and f.noise.sigma_unit is not None}
 
 
 def _local(sh: ShardedTensor) -> torch.Tensor:

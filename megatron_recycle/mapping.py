@@ -9,10 +9,14 @@ the target layout, so any TP/EP/PP/VPP layout maps the same way. The result is p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from . import indexing, upcycling
 from .plan import GrowthError, GrowthPlan
+
+# The noise stream of fresh draws is apart from the copies' noise: a drawn unit and a noisy copy
+# of the same tensor, layer and expert share no random numbers.
+INIT_STREAM = "init:"
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,15 @@ class Noise:
     experts: tuple[tuple[int, int], ...]  # (target expert, local row or -1 for whole shard)
     unit_shape: tuple[int, ...]  # full shape one seed covers (an expert matrix or a router row)
     offset: tuple[int, ...]  # the shard's offset inside that shape
-    sigma_unit: Box  # the source unit whose std scales the noise
+    sigma_unit: Optional[Box]  # the source unit whose std scales the noise; None: a fresh draw
+    factor: float = 1.0  # on α·σ: the copies' --grow-weight-multiplier
+    std: Optional[float] = None  # a fresh draw (a re-initialised unit): N(0, std²), no σ
+
+    def std_of(self, sigma_of: Callable[[Box], float], alpha: float) -> float:
+        """The std of this noise, given σ of source units and α."""
+        if self.std is not None:
+            return self.std
+        return alpha * sigma_of(self.sigma_unit) * self.factor
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,8 @@ class Fill:
     zero: bool = False  # zeroed output projection / moments of a copy
     zero_rows: tuple[int, ...] = ()  # router moments: the local rows that are copies
     noise: Optional[Noise] = None
-    scale: float = 1.0  # upcycled output projections: the source times this, before noise
+    scale: float = 1.0  # the source times this, before noise (upcycled fc2, multiplied copies)
+    scaled_rows: Optional[tuple[int, ...]] = None  # router: the local rows `scale` applies to
 
     @property
     def modifies(self) -> bool:
@@ -120,26 +133,58 @@ def map_shard(
 
     copy_rows = () if rows is None else tuple(
         i for i, r in enumerate(target_rows) if plan.expert_source(r)[1] > 0)
-    zero_moments = layout.is_optimizer_moment and optimizer_policy == "zero"
+    init, moment, name = plan.init, layout.is_optimizer_moment, layout.canonical_name()
+    router_weight = rows is not None and layout.model_key.endswith(".router.weight")
+    zero_moments = moment and optimizer_policy == "zero"
     is_copy = came_from.layer_copy > 0 or came_from.expert_copy > 0
+    reinit_unit = init.reinit_expert_copies and came_from.expert_copy > 0 and layout.has_expert_index
     zero = (
         (plan.depth.zero_copy_outputs and came_from.layer_copy > 0 and layout.decoder
          and layout.is_output_projection)
         or (zero_moments and is_copy)
     )
-    zero_rows = copy_rows if zero_moments and not zero else ()
+    if zero:
+        return Fill(source=source, rows=rows, zero=True)
+    fresh_router = init.random_router and rows is not None
+    if (reinit_unit and moment) or (fresh_router and (moment or not router_weight)) or (
+            init.zero_expert_bias and layout.model_key.endswith(".router.expert_bias")):
+        return Fill(source=None, zero=True)
+    if fresh_router:  # every row drawn afresh
+        rows_drawn = tuple((r, i) for i, r in enumerate(target_rows))
+        return Fill(source=None, noise=_drawn(plan, name, came_from.layer, rows_drawn, global_shape[prepend + 1:],
+                                              global_offset[prepend + 1:]))
+    if reinit_unit:
+        return Fill(source=None, noise=_drawn(plan, name, came_from.layer, ((came_from.expert, -1),),
+                                              global_shape[prepend:], global_offset[prepend:]))
+    scale, scaled_rows = 1.0, None
+    if init.weight_multiplier != 1.0 and not moment and (is_copy or copy_rows):
+        scale = init.weight_multiplier
+        scaled_rows = copy_rows if rows is not None and came_from.layer_copy == 0 else None
+    if init.reinit_expert_copies and copy_rows:  # the copies' rows drawn afresh, their biases zero
+        drawn = tuple((target_rows[i], i) for i in copy_rows)
+        return Fill(source=source, rows=rows, zero_rows=copy_rows, scale=scale, scaled_rows=scaled_rows,
+                    noise=_drawn(plan, name, came_from.layer, drawn, global_shape[prepend + 1:],
+                                 global_offset[prepend + 1:]) if router_weight and not moment else None)
+    zero_rows = copy_rows if zero_moments else ()
     noise = None
-    wants_noise = plan.width.noise_alpha > 0 and not zero and not layout.is_optimizer_moment
+    wants_noise = plan.width.noise_alpha > 0 and not moment
     if wants_noise and copy_rows:
         copies = tuple((target_rows[i], i) for i in copy_rows)
-        noise = Noise(layout.canonical_name(), came_from.layer, copies,
+        noise = Noise(name, came_from.layer, copies,
                       tuple(global_shape[prepend + 1:]), tuple(global_offset[prepend + 1:]),
-                      _sigma_unit(layout, source, source_shapes))
+                      _sigma_unit(layout, source, source_shapes), init.weight_multiplier)
     elif wants_noise and came_from.expert_copy > 0:
-        noise = Noise(layout.canonical_name(), came_from.layer, ((came_from.expert, -1),),
+        noise = Noise(name, came_from.layer, ((came_from.expert, -1),),
                       tuple(global_shape[prepend:]), tuple(global_offset[prepend:]),
-                      _sigma_unit(layout, source, source_shapes))
-    return Fill(source=source, rows=rows, zero=zero, zero_rows=zero_rows, noise=noise)
+                      _sigma_unit(layout, source, source_shapes), init.weight_multiplier)
+    return Fill(source=source, rows=rows, zero_rows=zero_rows, noise=noise, scale=scale,
+                scaled_rows=scaled_rows)
+
+
+def _drawn(plan: GrowthPlan, name: str, layer: int, experts, unit_shape, offset) -> Noise:
+    """A fresh N(0, init_std²) draw of whole units (a baseline's), on its own noise stream."""
+    return Noise(INIT_STREAM + name, layer, tuple(experts), tuple(unit_shape), tuple(offset), None,
+                 std=plan.init.init_std)
 
 
 def _map_upcycled(plan: GrowthPlan, source_shapes, layout: indexing.KeyLayout, came_from: indexing.Origin,

@@ -130,7 +130,10 @@ def fill_shard(
     if fill.zero:
         target.zero_()
         return
-    data = source if fill.rows is None else source.index_select(0, torch.tensor(fill.rows))
+    if fill.source is None:  # drawn afresh: a baseline's re-initialised unit
+        data = torch.zeros(target.shape, dtype=torch.float32)
+    else:
+        data = source if fill.rows is None else source.index_select(0, torch.tensor(fill.rows))
     if fill.zero_rows:
         data[list(fill.zero_rows)] = 0  # a fresh tensor from index_select: safe to write
     if not fill.modifies:
@@ -141,8 +144,11 @@ def fill_shard(
     in_place = target.dtype == torch.float32 and target.device.type == "cpu"
     out = target if in_place else torch.empty(target.shape, dtype=torch.float32)
     _copy(out, data)
-    if fill.scale != 1.0:
+    if fill.scale != 1.0 and fill.scaled_rows is None:
         out.mul_(fill.scale)
+    elif fill.scale != 1.0:
+        rows = list(fill.scaled_rows)
+        out[rows] = out[rows] * fill.scale
     if fill.noise is not None:
         _add_noise(out, fill.noise, sigma_of, alpha, seed)
     if not in_place:
@@ -157,7 +163,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def _add_noise(out: torch.Tensor, noise: Noise, sigma_of, alpha: float, seed: int) -> None:
-    scale = alpha * sigma_of(noise.sigma_unit)
+    scale = noise.std_of(sigma_of, alpha)
     for expert, row in noise.experts:
         add_unit_noise(out if row < 0 else out[row], scale, seed, noise.name, noise.layer, expert,
                        noise.unit_shape, noise.offset)

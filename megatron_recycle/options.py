@@ -15,6 +15,7 @@ from .plan import (
     EXPERT_PLACEMENTS,
     TOPK_POLICIES,
     Architecture,
+    CopyInit,
     DepthGrowth,
     GrowthError,
     GrowthPlan,
@@ -23,7 +24,7 @@ from .plan import (
 )
 from .policy import OPTIMIZER_POLICIES, check_rewarmup_iters
 
-_DEPTH, _WIDTH, _UPCYCLE = DepthGrowth(), WidthGrowth(), Upcycling()
+_DEPTH, _WIDTH, _UPCYCLE, _INIT = DepthGrowth(), WidthGrowth(), Upcycling(), CopyInit()
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Growth:
     upcycle: Upcycling = Upcycling()
     optimizer: str = "copy"  # --grow-optimizer: copy / zero (copies' moments) / reset
     rewarmup_iters: int = 0  # 0: the LR schedule continues
+    init: CopyInit = CopyInit()
 
     @property
     def asked(self) -> bool:
@@ -43,7 +45,7 @@ class Growth:
                 or self.upcycle.active)
 
     def plan(self, source: Architecture) -> GrowthPlan:
-        return GrowthPlan(source, self.depth, self.width, self.upcycle)
+        return GrowthPlan(source, self.depth, self.width, self.upcycle, self.init)
 
     def same_plan(self, plan_description: dict) -> bool:
         """Whether a recorded plan was made with these options."""
@@ -51,7 +53,8 @@ class Growth:
             recorded = GrowthPlan.from_description(plan_description)
         except (KeyError, TypeError, GrowthError):  # written by another version: not ours
             return False
-        return (recorded.depth, recorded.width, recorded.upcycle) == (self.depth, self.width, self.upcycle)
+        return ((recorded.depth, recorded.width, recorded.upcycle, recorded.init)
+                == (self.depth, self.width, self.upcycle, self.init))
 
 
 def integer(low: int, high: Optional[int] = None) -> Callable[[str], int]:
@@ -146,6 +149,20 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--grow-seed", type=integer(0, 2**63 - 1), default=_WIDTH.seed,
                    help="seed of the copies' noise; the result does not depend on the layout "
                         "(default: %(default)s)")
+    g.add_argument("--grow-weight-multiplier", type=number(0, low_open=True),
+                   default=_INIT.weight_multiplier, metavar="X",
+                   help="copied layers, copied experts and their router rows x X, before their "
+                        "noise (whose std scales with them); originals unchanged (default: %(default)s)")
+    g.add_argument("--grow-random-router", action="store_true",
+                   help="baseline: every router of the grown model drawn afresh from "
+                        "N(0, --grow-init-std^2), its biases zero (needs --grow-experts)")
+    g.add_argument("--grow-reinit-expert-copies", action="store_true",
+                   help="baseline: expert copies and their router rows drawn afresh from "
+                        "N(0, --grow-init-std^2) instead of copied (needs --grow-experts)")
+    g.add_argument("--grow-zero-expert-bias", action="store_true",
+                   help="zero every router's expert_bias (the aux-loss-free load-balancing term)")
+    g.add_argument("--grow-init-std", type=number(0, low_open=True), default=_INIT.init_std,
+                   metavar="STD", help="std of the fresh draws of the two baselines (default: %(default)s)")
     g.add_argument("--grow-optimizer", choices=OPTIMIZER_POLICIES, default="copy",
                    help="copy: grow the optimizer state with the weights (copies get their "
                         "source's Adam moments); zero: the same, but copies' moments start at "
@@ -202,7 +219,15 @@ def growth_from_args(args: argparse.Namespace) -> Growth:
     if not upcycle.active and (args.upcycle_topk is not None or args.upcycle_layers is not None
                                or args.upcycle_shared_expert or args.upcycle_granularity != 1):
         raise GrowthError("--upcycle-topk/-granularity/-layers/-shared-expert need --upcycle-experts E")
-    return Growth(depth, width, upcycle, args.grow_optimizer, args.grow_rewarmup_iters)
+    init = CopyInit(weight_multiplier=args.grow_weight_multiplier, random_router=args.grow_random_router,
+                    reinit_expert_copies=args.grow_reinit_expert_copies,
+                    zero_expert_bias=args.grow_zero_expert_bias, init_std=args.grow_init_std)
+    growth = Growth(depth, width, upcycle, args.grow_optimizer, args.grow_rewarmup_iters, init)
+    if init != _INIT and not growth.asked:  # else a launch script would ignore them silently
+        raise GrowthError("--grow-weight-multiplier / --grow-random-router / --grow-reinit-expert-copies"
+                          " / --grow-zero-expert-bias / --grow-init-std change how a growth copies: give "
+                          "--grow-depth, --grow-experts or --grow-layer-map too")
+    return growth
 
 
 def growth_options_given(args: argparse.Namespace) -> bool:

@@ -9,6 +9,7 @@ hook, the offline tools) derives from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -19,6 +20,7 @@ DEPTH_METHODS = ("interposition", "stack")
 EXPERT_PLACEMENTS = ("append", "interleave")
 TOPK_POLICIES = ("scale", "keep")
 MAX_NOISE_ALPHA = 1.0  # beyond it a copy is more noise than expert
+INIT_STD = 0.02  # a fresh Megatron model's init std, and the paper authors' random router's
 # The largest grown model a plan describes. The plan, the manifest and the maps it prints hold
 # an entry per target layer and per target expert (per layer, where keys index them), so a
 # typo'd factor must be refused here, before any of them is built. Both bounds are far beyond
@@ -57,6 +59,23 @@ class WidthGrowth:
     topk: str = "scale"  # k → m·k (exact at α = 0) or keep k
     noise_alpha: float = 0.01
     seed: int = 1234
+
+
+@dataclass(frozen=True)
+class CopyInit:
+    """How copies start, beyond copying: the paper authors' options and baselines. Draws
+    (`random_router`, `reinit_expert_copies`) are N(0, init_std²), seeded layout-free like the
+    copies' noise, on their own stream."""
+
+    weight_multiplier: float = 1.0  # copied layers, experts and router rows x this (noise too)
+    random_router: bool = False  # every router weight drawn afresh, router biases zero
+    reinit_expert_copies: bool = False  # expert copies and their router rows drawn afresh
+    zero_expert_bias: bool = False  # every router's expert_bias zero (the load-balancing term)
+    init_std: float = INIT_STD
+
+    @property
+    def draws(self) -> bool:
+        return self.random_router or self.reinit_expert_copies
 
 
 @dataclass(frozen=True)
@@ -197,10 +216,12 @@ class GrowthPlan:
     depth: DepthGrowth = field(default_factory=DepthGrowth)
     width: WidthGrowth = field(default_factory=WidthGrowth)
     upcycle: Upcycling = field(default_factory=Upcycling)
+    init: CopyInit = field(default_factory=CopyInit)
 
     def __post_init__(self):
         w = self.width
         self._check_upcycling()
+        self._check_init()
         if w.factor < 1:
             raise GrowthError(f"--grow-experts must be a positive integer, got {w.factor}")
         if w.placement not in EXPERT_PLACEMENTS:
@@ -331,6 +352,28 @@ class GrowthPlan:
                               f"{sum(up.layers)} upcycled; the source has {src.num_layers} layers: "
                               "give one entry per layer, at least one of them 1")
 
+    def _check_init(self) -> None:
+        init, w = self.init, self.width
+        if not (math.isfinite(init.weight_multiplier) and init.weight_multiplier > 0):
+            raise GrowthError(f"--grow-weight-multiplier must be a finite number > 0 (copies x it; "
+                              f"1 keeps them), got {init.weight_multiplier}")
+        if init.weight_multiplier != 1 and self.upcycle.active:
+            raise GrowthError("--grow-weight-multiplier scales copies of layers and experts; with "
+                              "--upcycle-experts every expert is a slice of the dense MLP: drop one")
+        for flag, given in (("--grow-random-router", init.random_router),
+                            ("--grow-reinit-expert-copies", init.reinit_expert_copies)):
+            if given and (w.factor < 2 or not self.source.is_moe):
+                raise GrowthError(f"{flag} is a baseline of expert growth: give --grow-experts M > 1 "
+                                  f"(now {w.factor}) with a Mixture-of-Experts source")
+        if init.zero_expert_bias and not self.source.is_moe:
+            raise GrowthError("--grow-zero-expert-bias zeroes the routers' expert_bias, but the "
+                              "source has no experts")
+        if not (math.isfinite(init.init_std) and init.init_std > 0):
+            raise GrowthError(f"--grow-init-std must be a finite number > 0, got {init.init_std}")
+        if init.init_std != INIT_STD and not init.draws:
+            raise GrowthError("--grow-init-std is the std of --grow-random-router / "
+                              "--grow-reinit-expert-copies: give one of them or drop it")
+
     @property
     def target_topk(self) -> Optional[int]:
         if self.upcycle.active:
@@ -417,6 +460,17 @@ class GrowthPlan:
                     "the grown model can pick other groups than the source (not exact)")
         if any(c > 0 for c in self.layer_copy) and not self.depth.zero_copy_outputs:
             notes.append("copied layers add their output again (use zero-init copies for identity)")
+        init = self.init
+        if init.weight_multiplier != 1:
+            notes.append(f"copies are scaled by --grow-weight-multiplier {init.weight_multiplier:g}")
+        if init.random_router:
+            notes.append(f"routers drawn afresh (N(0, {init.init_std:g}^2), biases zero): the "
+                         "random-router baseline")
+        if init.reinit_expert_copies:
+            notes.append(f"expert copies and their router rows drawn afresh (N(0, "
+                         f"{init.init_std:g}^2)): the re-initialised baseline")
+        if init.zero_expert_bias:
+            notes.append("expert_bias zeroed: routing differs where the source's bias was not zero")
         return notes
 
     def check_target(
@@ -493,6 +547,7 @@ class GrowthPlan:
             "depth": dataclasses.asdict(self.depth),
             "width": dataclasses.asdict(self.width),
             "upcycle": dataclasses.asdict(self.upcycle),
+            "init": dataclasses.asdict(self.init),
             "source": dataclasses.asdict(self.source),
             "target": dataclasses.asdict(self.target),
             "layer_map": list(self.layer_map),
@@ -506,4 +561,5 @@ class GrowthPlan:
             depth=DepthGrowth(**d["depth"]),
             width=WidthGrowth(**d["width"]),
             upcycle=Upcycling(**d.get("upcycle", {})),
+            init=CopyInit(**d.get("init", {})),
         )

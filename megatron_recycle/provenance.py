@@ -125,6 +125,7 @@ class Provenance:
                 "grown_by": self.grown_by, "version": self.version, "seed": self.seed,
                 "optimizer": self.optimizer, "layer_map": self.plan.get("layer_map"),
                 "depth": self.plan.get("depth"), "width": self.plan.get("width"),
+                "init": self.plan.get("init"),
                 "disagreements": self.disagreements(),
                 "previous": None if self.previous is None else self.previous.summary()}
 

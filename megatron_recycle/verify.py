@@ -44,6 +44,10 @@ class Expectation:
     scale: float = 1.0  # upcycled output projections: the source times this
     noise_unit: tuple[int, ...] = ()  # the whole unit one expert's noise covers
     noise_offset: tuple[int, ...] = ()  # the piece's place in it
+    scale_rows: Optional[tuple[int, ...]] = None  # router rows: the local rows `scale` applies to
+    noise_factor: float = 1.0  # --grow-weight-multiplier on the copies' α·σ
+    drawn: bool = False  # the piece drawn afresh (source None): a baseline's N(0, init_std²)
+    drawn_rows: tuple[int, ...] = ()  # router rows drawn afresh (the rest copied)
 
 
 def expectation(plan: GrowthPlan, piece: manifest.Piece, source_shapes, moment_policy: str) -> Expectation:
@@ -77,19 +81,34 @@ def expectation(plan: GrowthPlan, piece: manifest.Piece, source_shapes, moment_p
         rows = tuple(plan.expert_source(r)[0] for r in targets)
         copy_rows = tuple(i for i, r in enumerate(targets) if plan.expert_source(r)[1] > 0)
         offset[0], shape[0] = 0, plan.source.num_experts
-    zero_moments = layout.is_optimizer_moment and moment_policy == "zero"
-    zero = (plan.depth.zero_copy_outputs and layer_copy > 0 and layout.decoder
-            and layout.is_output_projection) or (zero_moments and (layer_copy > 0 or expert_copy > 0))
-    zero_rows = copy_rows if zero_moments and not zero else ()
-    noisy = (plan.width.noise_alpha > 0 and not zero and not layout.is_optimizer_moment
+    init, moment = plan.init, layout.is_optimizer_moment
+    router_weight = rows is not None and layout.model_key.endswith(".router.weight")
+    reinit_unit = init.reinit_expert_copies and expert_copy > 0
+    random_router = init.random_router and rows is not None
+    zero_moments = moment and moment_policy == "zero"
+    zero = ((plan.depth.zero_copy_outputs and layer_copy > 0 and layout.decoder and layout.is_output_projection)
+            or (zero_moments and (layer_copy > 0 or expert_copy > 0))
+            or (moment and (reinit_unit or random_router))  # a fresh unit has no moments
+            or (random_router and not router_weight)  # its biases start at zero
+            or (init.zero_expert_bias and layout.model_key.endswith(".router.expert_bias")))
+    drawn = not zero and (reinit_unit or random_router)
+    reinit_rows = copy_rows if init.reinit_expert_copies and not zero else ()
+    zero_rows = reinit_rows or (copy_rows if zero_moments and not zero else ())
+    drawn_rows = reinit_rows if router_weight and not moment else ()
+    copied = layer_copy > 0 or expert_copy > 0 or bool(copy_rows)
+    scale = init.weight_multiplier if copied and not moment and not drawn else 1.0
+    scale_rows = copy_rows if rows is not None and layer_copy == 0 else None
+    noisy = (plan.width.noise_alpha > 0 and not zero and not moment and not drawn and not reinit_rows
              and (expert_copy > 0 or bool(copy_rows)))
     sigma_key = source_key
     weight_key = source_key[len(layout.prefix):]
     if layout.is_master_param and source_shapes.get(weight_key) == source_shapes.get(source_key):
         sigma_key = weight_key  # master params get the weight's noise
-    source = Box(source_key, tuple(source_shapes[source_key]), tuple(index), tuple(offset), tuple(shape))
+    source = None if zero or drawn else Box(source_key, tuple(source_shapes[source_key]), tuple(index),
+                                            tuple(offset), tuple(shape))
     return Expectation(source, layer, expert, rows, targets, copy_rows, zero, zero_rows, noisy,
-                       layout.canonical_name(), sigma_key, noise_unit=box.unit_shape, noise_offset=box.offset)
+                       layout.canonical_name(), sigma_key, scale, box.unit_shape, box.offset, scale_rows,
+                       init.weight_multiplier, drawn, drawn_rows)
 
 
 def _upcycled_expectation(plan: GrowthPlan, piece: manifest.Piece, layout: indexing.KeyLayout, layer: int,
@@ -283,20 +302,28 @@ def _check_piece(got: torch.Tensor, source: dict, exp: Expectation, plan: Growth
         return f"NaN or Inf at element {_first(~torch.isfinite(got))}"
     if exp.zero:
         return None if not got.any() else f"should be zero (zero-init copy / moments / router), element {_first(got != 0)} is not"
+    if exp.drawn:
+        return _compare(got, _drawn(exp, plan, torch.zeros(got.shape), range(got.shape[0]) if exp.rows else ())
+                        .to(got.dtype), f"its fresh N(0, {plan.init.init_std:g}^2) draw")
     base = source[exp.source]
     if exp.rows is not None:
         base = base[list(exp.rows)]  # a fresh tensor: safe to write below
         base[list(exp.zero_rows)] = 0
-    if not exp.noisy and exp.scale == 1.0:
+    if not exp.noisy and exp.scale == 1.0 and not exp.drawn_rows:
         return _compare(got, base, f"{exp.source.key} at {exp.source.global_offset}")
     # As growth computes it: in fp32, scaled, then the noise added, then rounded once.
     expected = base.to(torch.float32, copy=True)  # never the source buffer itself
-    if exp.scale != 1.0:
+    if exp.scale != 1.0 and exp.scale_rows is None:
         expected.mul_(exp.scale)
+    elif exp.scale != 1.0:
+        expected[list(exp.scale_rows)] = expected[list(exp.scale_rows)] * exp.scale
+    if exp.drawn_rows:
+        return _compare(got, _drawn(exp, plan, expected, exp.drawn_rows).to(got.dtype),
+                        "its source rows with the copies' rows drawn afresh")
     scaled = expected.to(base.dtype, copy=True)
     if not exp.noisy:
         return _compare(got, scaled, f"{exp.source.key} at {exp.source.global_offset} x {exp.scale:g}")
-    scale = plan.width.noise_alpha * _sigma(source[_sigma_unit(src, exp)])
+    scale = plan.width.noise_alpha * _sigma(source[_sigma_unit(src, exp)]) * exp.noise_factor
     for row in ([slice(None)] if exp.rows is None else list(exp.copy_rows)):
         if exp.rows is None:
             noise = unit_noise(plan.width.seed, exp.noise_name, exp.layer, exp.expert, exp.noise_unit,
@@ -309,6 +336,18 @@ def _check_piece(got: torch.Tensor, source: dict, exp: Expectation, plan: Growth
     if problem:
         return problem
     return _check_noise_statistics(got, scaled, exp, scale, report)
+
+
+def _drawn(exp: Expectation, plan: GrowthPlan, out: torch.Tensor, rows) -> torch.Tensor:
+    """`out` (fp32) plus the baselines' fresh draws, N(0, init_std²) from their own stream
+    ("init:" before the tensor's name): on `rows` (router rows), or the whole unit's box."""
+    name, std = "init:" + exp.noise_name, plan.init.init_std
+    if not rows:
+        out += unit_noise(plan.width.seed, name, exp.layer, exp.expert, exp.noise_unit,
+                          std)[ops.box(exp.noise_offset, tuple(out.shape))]
+    for row in rows:
+        out[row] += unit_noise(plan.width.seed, name, exp.layer, exp.row_experts[row], tuple(out[row].shape), std)
+    return out
 
 
 def _compare(got: torch.Tensor, want: torch.Tensor, what: str) -> Optional[str]:

@@ -1,12 +1,16 @@
 """Models, plans and layouts the tests and their rank workers share (no side effects)."""
 
 from megatron_recycle.testing import toy
-from megatron_recycle.plan import DepthGrowth, GrowthPlan, WidthGrowth
+from megatron_recycle.plan import CopyInit, DepthGrowth, GrowthPlan, WidthGrowth
 
 # grow_matrix: one source, two source layouts, six target layouts.
 SPEC = toy.ToySpec(num_layers=4, experts=4, topk=2, shared_expert=16, expert_bias=True,
                    score_function="sigmoid")
 PLAN = GrowthPlan(SPEC.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alpha=0.01, seed=7))
+# The same growth with the paper authors' options: copies x 0.5, expert copies drawn afresh
+# (TP-sharded expert units: the draws must not depend on the layout), expert bias zeroed.
+COPY_INIT_PLAN = GrowthPlan(SPEC.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alpha=0.01, seed=7),
+                            init=CopyInit(weight_multiplier=0.5, reinit_expert_copies=True, zero_expert_bias=True))
 SOURCES = {"s1": toy.Layout(), "s2": toy.Layout(tp=2, ep=2)}
 TARGETS = {
     "tp2-pp2": (toy.Layout(tp=2, pp=2), False),

@@ -73,6 +73,9 @@ def test_ckpt_step_pointing_nowhere(tmp_path):
     (["plan", "--load", "SRC", "--grow-skip-first", "-1"], "--grow-skip-first"),
     (["plan", "--load", "SRC", "--grow-seed", "-3"], "--grow-seed"),
     (["plan", "--load", "SRC", "--upcycle-granularity", "0"], "--upcycle-granularity"),
+    (["plan", "--load", "SRC", "--grow-weight-multiplier", "0"], "--grow-weight-multiplier"),
+    (["grow", "--load", "SRC", "--save", "DST", "--grow-weight-multiplier", "-1"], "--grow-weight-multiplier"),
+    (["plan", "--load", "SRC", "--grow-init-std", "nan"], "--grow-init-std"),
     (["grow", "--load", "SRC", "--save", "DST", "--rem"], "--rem"),  # not --remove-stale-staging
     (["inspect", "CKPT", "--js"], "--js"),  # not --json
     (["--deb", "inspect", "CKPT"], "--deb"),  # not --debug
@@ -102,6 +105,9 @@ def test_a_bad_flag_is_one_line_naming_it(argv, flag, capsys):
      "drop --grow-depth, --grow-depth-method"),
     (["grow", "--save", "{out}/never"], "the --grow-* options change nothing"),
     (["plan", "--grow-noise-alpha", "nan"], "--grow-noise-alpha must be between 0 and 1"),
+    (["grow", "--save", "{out}/never", "--grow-zero-expert-bias"], "change how a growth copies: give --grow-depth"),
+    (["grow", "--save", "{out}/never", "--grow-depth", "2", "--grow-random-router"],
+     "--grow-random-router is a baseline of expert growth: give --grow-experts M > 1 (now 1)"),
 ])
 def test_a_request_that_cannot_work_is_refused_before_anything_is_read_or_written(
         offline_sources, tmp_path, capsys, argv, message):

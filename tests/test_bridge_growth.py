@@ -18,6 +18,7 @@ for needed in ("megatron.bridge", "transformers"):
 
 from megatron_recycle.bridge import GrowthConfig, split_overrides  # noqa: E402
 from megatron_recycle.errors import GrowthError  # noqa: E402
+from megatron_recycle.plan import Architecture, CopyInit  # noqa: E402
 from megatron_recycle.io.checkpoint import CheckpointInfo  # noqa: E402
 from megatron_recycle.testing import bridge_cpu  # noqa: E402
 
@@ -110,6 +111,12 @@ def test_growth_overrides():
         GrowthConfig(topk="x").growth()
     assert not GrowthConfig().growth().asked
     assert GrowthConfig(depth=2, experts=2).growth().width.factor == 2
+    growth, _ = split_overrides(["growth.experts=2", "growth.weight_multiplier=0.5", "growth.random_router=true",
+                                 "growth.zero_expert_bias=true", "growth.init_std=0.01"])
+    assert growth.growth().init == CopyInit(weight_multiplier=0.5, random_router=True, zero_expert_bias=True,
+                                            init_std=0.01)
+    with pytest.raises(GrowthError, match="--grow-reinit-expert-copies is a baseline of expert growth"):
+        GrowthConfig(depth=2, reinit_expert_copies=True).growth().plan(Architecture(2, 4, 2))
 
 
 def _config(out, save, **checkpoint):

@@ -16,7 +16,7 @@ from megatron_recycle.hf.grow import grow  # noqa: E402
 from megatron_recycle.io import hf as hf_io  # noqa: E402
 from megatron_recycle.mapping import map_shard  # noqa: E402
 from megatron_recycle.options import Growth  # noqa: E402
-from megatron_recycle.plan import Architecture, DepthGrowth, GrowthPlan, WidthGrowth  # noqa: E402
+from megatron_recycle.plan import Architecture, CopyInit, DepthGrowth, GrowthPlan, WidthGrowth  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
@@ -105,6 +105,32 @@ def test_width_growth_at_alpha_0_and_zero_init_depth_growth_keep_the_logits(sour
         assert config["layer_types"] == ["sliding_attention"] * 2 + ["full_attention"] * 2 + ["sliding_attention"] * 2
     if model_type in ("gpt_oss", "deepseek_v3"):  # noise through the transposed / grouped layouts, verified
         grow_and_check(src, tmp_path / "n", Growth(width=WidthGrowth(factor=2, noise_alpha=0.05, placement=placement)))
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "gpt_oss"])
+def test_copy_init_options_grow_by_their_definition_and_verify(sources, tmp_path, model_type):
+    """Copies x 0.5 (a copied layer: every tensor x 0.5, the original untouched), the expert bias
+    zeroed; then the baselines (a random router, expert copies drawn afresh), verified too."""
+    src, _ = sources[model_type]
+    placement = "interleave" if model_type in GROUPED else "append"
+    grow_and_check(src, tmp_path / "m", Growth(depth=DepthGrowth(2), width=WidthGrowth(2, placement=placement),
+                                               init=CopyInit(weight_multiplier=0.5, zero_expert_bias=True)))
+    grow_and_check(src, tmp_path / "r", Growth(width=WidthGrowth(2, noise_alpha=0.01, placement=placement),
+                                               init=CopyInit(random_router=True, reinit_expert_copies=True)))
+    source = load_file(src / "model.safetensors")
+    grown = load_file(tmp_path / "m" / "model.safetensors")
+    layer = "model.layers.1.input_layernorm.weight"
+    assert torch.equal(grown[layer.replace(".1.", ".2.")], source[layer])
+    assert torch.equal(grown[layer.replace(".1.", ".3.")], source[layer] * 0.5)
+    baselines = load_file(tmp_path / "r" / "model.safetensors")
+    routers = [t for n, t in baselines.items() if n.endswith((".gate.weight", ".router.weight"))]
+    assert routers and all(abs(t.std().item() / 0.02 - 1) < 0.3 for t in routers)
+    if model_type == "deepseek_v3":  # the expert bias: zeroed by the option, and by a random router
+        biases = [t for c in (grown, baselines) for n, t in c.items() if n.endswith("e_score_correction_bias")]
+        assert biases and not any(t.any() for t in biases)
+    else:  # a random router's bias starts at zero
+        biases = [n for n in baselines if n.endswith("router.bias")]
+        assert biases and not any(baselines[n].any() for n in biases)
 
 
 def test_depth_options_and_noise_on_qwen3_moe(sources, tmp_path):

@@ -130,6 +130,21 @@ def test_optimizer_copy_needs_growable_state(ckpts):
     assert args.no_load_optim
 
 
+def test_the_authors_options_reach_the_plan_and_its_record(ckpts):
+    from megatron_recycle.plan import CopyInit
+
+    _, decision = configure(grow(ckpts, "--grow-weight-multiplier", "0.5", "--grow-random-router",
+                                 "--grow-zero-expert-bias"))
+    assert decision.plan.init == CopyInit(weight_multiplier=0.5, random_router=True, zero_expert_bias=True)
+    assert decision.provenance.plan["init"] == {"weight_multiplier": 0.5, "random_router": True,
+                                                "reinit_expert_copies": False, "zero_expert_bias": True,
+                                                "init_std": 0.02}
+    with pytest.raises(GrowthError, match="--grow-random-router is a baseline of expert growth"):
+        configure(["--load", str(ckpts / "base"), "--grow-depth", "2", "--grow-random-router"])
+    with pytest.raises(GrowthError, match="change how a growth copies"):
+        configure(["--load", str(ckpts / "base"), "--grow-weight-multiplier", "2"])
+
+
 def test_requeue_resumes_the_grown_checkpoint_in_save(ckpts):
     args, decision = configure(grow(ckpts, "--save", str(ckpts / "grown"), "--num-layers", "4"))
     assert not decision.grow

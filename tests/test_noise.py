@@ -87,3 +87,36 @@ def test_a_gpu_target_gets_the_same_values_as_a_cpu_one():
         gpu = torch.empty(UNIT, dtype=dtype, device="cuda")
         ops.fill_shard(gpu, fill, source.cuda(), lambda u: ops.sigma(source.cuda()), 0.01, ID["seed"])
         assert torch.equal(gpu.cpu(), cpu.to(dtype))
+
+
+def _drawn(offset, shape, std=0.02):
+    """A baseline's fresh draw of one unit: no source, N(0, std²) on the init stream."""
+    fill = Fill(None, noise=Noise("init:" + ID["name"], ID["layer"], ((ID["expert"], -1),), UNIT, offset,
+                                  None, std=std))
+    out = torch.full(shape, 5.0)  # whatever the target held before
+    ops.fill_shard(out, fill, None, lambda u: pytest.fail("a fresh draw needs no sigma"), 0.01, ID["seed"])
+    return out
+
+
+@pytest.mark.parametrize("offset,shape", [((0, 0), (350, 1000)), ((0, 500), (700, 500)), ((100, 250), (300, 250))])
+def test_a_fresh_draw_is_layout_free_and_n_0_std(offset, shape):
+    whole = _drawn((0, 0), UNIT)
+    assert torch.equal(_drawn(offset, shape), whole[ops.box(offset, shape)])
+    assert abs(whole.std().item() - 0.02) < 2e-4 and abs(whole.mean().item()) < 2e-4
+    assert not torch.equal(whole, noisy(UNIT, (0, 0), scale=0.02))  # the copies' stream is another
+
+
+def test_multiplied_router_rows_scale_only_the_copies_and_their_noise():
+    """Rows 0-1 originals, 2-3 copies of them: copies = m x source + N(0, (alpha m sigma)^2)."""
+    source = torch.randn(2, 64)
+    unit = Box.whole_unit("router", (2, 64), ())
+    noise = Noise("router", 0, ((2, 2), (3, 3)), (64,), (0,), unit, factor=0.5)
+    fill = Fill(unit, rows=(0, 1, 0, 1), noise=noise, scale=0.5, scaled_rows=(2, 3))
+    out = torch.empty(4, 64)
+    sigma = ops.sigma(source)
+    ops.fill_shard(out, fill, source, lambda u: sigma, 0.01, ID["seed"])
+    assert torch.equal(out[:2], source)
+    for row, expert in ((2, 2), (3, 3)):
+        want = source[row - 2] * 0.5
+        ops.add_unit_noise(want, 0.01 * sigma * 0.5, ID["seed"], "router", 0, expert, (64,), (0,))
+        assert torch.equal(out[row], want)

@@ -4,6 +4,7 @@ import pytest
 
 from megatron_recycle.plan import (
     Architecture,
+    CopyInit,
     DepthGrowth,
     GrowthError,
     GrowthPlan,
@@ -123,16 +124,51 @@ def test_width_growth_of_a_dense_model_is_refused():
         GrowthPlan(Architecture(num_layers=4), width=WidthGrowth(2))
 
 
-def test_plan_round_trips_through_its_description():
-    plan = GrowthPlan(MOE, DepthGrowth(2, skip_first=1), WidthGrowth(2, placement="interleave", seed=5))
+@pytest.mark.parametrize("init, width, message", [
+    (CopyInit(weight_multiplier=0.0), WidthGrowth(2), "--grow-weight-multiplier must be a finite number > 0"),
+    (CopyInit(weight_multiplier=-1.0), WidthGrowth(2), "--grow-weight-multiplier"),
+    (CopyInit(weight_multiplier=float("nan")), WidthGrowth(2), "--grow-weight-multiplier"),
+    (CopyInit(random_router=True), WidthGrowth(1), "--grow-random-router is a baseline of expert growth"),
+    (CopyInit(reinit_expert_copies=True), WidthGrowth(1), "--grow-reinit-expert-copies is a baseline"),
+    (CopyInit(random_router=True, init_std=0.0), WidthGrowth(2), "--grow-init-std must be"),
+    (CopyInit(init_std=0.1), WidthGrowth(2), "--grow-init-std is the std of --grow-random-router"),
+])
+def test_bad_copy_init_options_name_the_flag(init, width, message):
+    with pytest.raises(GrowthError, match=message):
+        GrowthPlan(MOE, DepthGrowth(2), width, init=init)
+
+
+def test_copy_init_options_refused_where_they_mean_nothing():
+    from megatron_recycle.plan import Upcycling
+
+    dense = Architecture(num_layers=4)
+    with pytest.raises(GrowthError, match="--grow-zero-expert-bias .* the source has no experts"):
+        GrowthPlan(dense, DepthGrowth(2), init=CopyInit(zero_expert_bias=True))
+    with pytest.raises(GrowthError, match="--grow-weight-multiplier .* --upcycle-experts"):
+        GrowthPlan(dense, upcycle=Upcycling(experts=4, topk=2), init=CopyInit(weight_multiplier=2.0))
+
+
+@pytest.mark.parametrize("init", [CopyInit(), CopyInit(weight_multiplier=0.5, random_router=True,
+                                                       zero_expert_bias=True, init_std=0.01)])
+def test_plan_round_trips_through_its_description(init):
+    plan = GrowthPlan(MOE, DepthGrowth(2, skip_first=1), WidthGrowth(2, placement="interleave", seed=5), init=init)
     again = GrowthPlan.from_description(plan.describe())
-    assert again == plan and again.layer_map == plan.layer_map
+    assert again == plan and again.layer_map == plan.layer_map and again.init == init
+
+
+def test_a_record_written_before_the_copy_init_options_reads_as_their_defaults():
+    described = GrowthPlan(MOE, DepthGrowth(2)).describe()
+    del described["init"]
+    assert GrowthPlan.from_description(described).init == CopyInit()
 
 
 def test_exactness_notes_explain_what_changes_the_output():
     assert GrowthPlan(MOE, DepthGrowth(2, zero_copy_outputs=True), WidthGrowth(2, noise_alpha=0)).exactness_notes() == []
     notes = GrowthPlan(MOE, DepthGrowth(2), WidthGrowth(2)).exactness_notes()
     assert any("noise" in n for n in notes) and any("zero-init" in n for n in notes)
+    notes = GrowthPlan(MOE, width=WidthGrowth(2, noise_alpha=0), init=CopyInit(
+        weight_multiplier=2.0, random_router=True, zero_expert_bias=True)).exactness_notes()
+    assert [n.split()[0] for n in notes] == ["copies", "routers", "expert_bias"]
 
 
 # --- HybridModel patterns: blocks of symbols are copied ---------------------------------------

@@ -35,6 +35,11 @@ class GrowthConfig:
     topk: str = "scale"  # --grow-topk: scale (k x M, exact at alpha 0) / keep
     noise_alpha: float = 0.01  # --grow-noise-alpha
     seed: int = 1234  # --grow-seed
+    weight_multiplier: float = 1.0  # --grow-weight-multiplier: copies x it
+    random_router: bool = False  # --grow-random-router: the random-router baseline
+    reinit_expert_copies: bool = False  # --grow-reinit-expert-copies: the re-initialised baseline
+    zero_expert_bias: bool = False  # --grow-zero-expert-bias
+    init_std: float = 0.02  # --grow-init-std: the baselines' N(0, std^2)
     optimizer: str = "copy"  # --grow-optimizer: copy / zero / reset
     rewarmup_iters: int = 0  # --grow-rewarmup-iters
 

@@ -29,7 +29,7 @@ from megatron_recycle.testing import toy
 from megatron_recycle.load_hook import GrowthLoadStrategy
 from megatron_recycle.plan import DepthGrowth, GrowthPlan, WidthGrowth
 from offline_specs import LISTED, MIXED
-from scenarios import PLAN, SPEC
+from scenarios import COPY_INIT_PLAN, PLAN, SPEC
 
 LAYOUTS = {"ep2": toy.Layout(ep=2), "tp2": toy.Layout(tp=2), "pp2": toy.Layout(pp=2)}
 # what test_offline_tools' GROW_FLAGS make of LISTED
@@ -114,4 +114,6 @@ if __name__ == "__main__":
         _boot.finish()
     else:
         models = {"spec": LISTED, "plan": LISTED_PLAN} if "listed" in sys.argv[5:] else {}
+        if "copy-init" in sys.argv[5:]:
+            models = {"plan": COPY_INIT_PLAN}
         compare(*sys.argv[2:5], plain_only="plain" in sys.argv[5:], **models)
