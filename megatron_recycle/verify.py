@@ -22,7 +22,7 @@ import torch
 from . import companions, consistency, hybrid, indexing, manifest, ops, policy, upcycling
 from .errors import GrowthError
 from .io.checkpoint import CheckpointInfo, iteration_dir
-from .mapping import Box
+from .mapping import INIT_STREAM, Box
 from .plan import GrowthPlan
 
 
@@ -340,8 +340,8 @@ def _check_piece(got: torch.Tensor, source: dict, exp: Expectation, plan: Growth
 
 def _drawn(exp: Expectation, plan: GrowthPlan, out: torch.Tensor, rows) -> torch.Tensor:
     """`out` (fp32) plus the baselines' fresh draws, N(0, init_std²) from their own stream
-    ("init:" before the tensor's name): on `rows` (router rows), or the whole unit's box."""
-    name, std = "init:" + exp.noise_name, plan.init.init_std
+    (INIT_STREAM before the tensor's name): on `rows` (router rows), or the whole unit's box."""
+    name, std = INIT_STREAM + exp.noise_name, plan.init.init_std
     if not rows:
         out += unit_noise(plan.width.seed, name, exp.layer, exp.expert, exp.noise_unit,
                           std)[ops.box(exp.noise_offset, tuple(out.shape))]
