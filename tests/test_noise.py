@@ -120,3 +120,21 @@ def test_multiplied_router_rows_scale_only_the_copies_and_their_noise():
         want = source[row - 2] * 0.5
         ops.add_unit_noise(want, 0.01 * sigma * 0.5, ID["seed"], "router", 0, expert, (64,), (0,))
         assert torch.equal(out[row], want)
+
+
+def test_the_noise_of_a_fixed_unit_is_pinned():
+    """Golden values: the seeds and the draws across a block edge of one fixed unit. A torch
+    release (or a change here) that changes them changes every grown checkpoint's noise, and
+    `verify` of checkpoints grown before it would report their noisy copies as mismatches."""
+    name = "decoder.layers.mlp.experts.linear_fc1.weight"
+    assert [ops.noise_seed(1234, name, 3, 5, block) for block in (0, 1)] == [
+        6553401922583147638, 5142955941444980819]
+    pieces = ops.scaled_noise_blocks(1234, name, 3, 5, ops.NOISE_BLOCK + 8, 1.0,
+                                     ops.NOISE_BLOCK - 4, ops.NOISE_BLOCK + 4)
+    drawn = [(at, [x.hex() for x in values.tolist()]) for at, values in pieces]
+    assert drawn == [
+        (0, ["0x1.ffb2fc0000000p-2", "0x1.abfbae0000000p-1", "-0x1.fba4580000000p+0",
+             "0x1.ca80460000000p-3"]),
+        (4, ["0x1.171a4a0000000p-1", "-0x1.01234c0000000p-2", "-0x1.d515b40000000p-1",
+             "-0x1.3dbeae0000000p-2"]),
+    ]
