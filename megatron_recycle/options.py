@@ -230,8 +230,13 @@ def growth_from_args(args: argparse.Namespace) -> Growth:
     return growth
 
 
+def given_options(args: argparse.Namespace) -> list[str]:
+    """The `--grow-*` / `--upcycle-*` flags whose value differs from its default."""
+    defaults = vars(add_growth_args(argparse.ArgumentParser()).parse_args([]))
+    return ["--" + name.replace("_", "-") for name, value in defaults.items() if getattr(args, name) != value]
+
+
 def growth_options_given(args: argparse.Namespace) -> bool:
     """Whether any `--grow-*` option differs from its default (e.g. to override a plan that
     would otherwise be read from a checkpoint's provenance)."""
-    defaults = vars(add_growth_args(argparse.ArgumentParser()).parse_args([]))
-    return any(getattr(args, name) != value for name, value in defaults.items())
+    return bool(given_options(args))

@@ -210,6 +210,13 @@ def copy_indices(sources: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def nothing_to_grow(options: str = "the --grow-* options") -> GrowthError:
+    """The refusal of options that ask for no growth (`options`: the ones given): every path
+    says the same."""
+    return GrowthError(f"{options} change nothing (factor 1, identity layer map): give "
+                       "--grow-depth, --grow-experts, --grow-layer-map or --upcycle-experts")
+
+
 @dataclass(frozen=True)
 class GrowthPlan:
     source: Architecture
@@ -429,8 +436,7 @@ class GrowthPlan:
     def require_growth(self) -> None:
         """Refuse a plan that grows nothing: writing or loading a copy is not growth."""
         if self.is_identity:
-            raise GrowthError("the --grow-* options change nothing (factor 1, identity layer map): "
-                              "give --grow-depth, --grow-experts, --grow-layer-map or --upcycle-experts")
+            raise nothing_to_grow()
 
     def exactness_notes(self) -> list[str]:
         """Why the grown model's output will differ from the source's, if it will."""

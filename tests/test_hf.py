@@ -266,9 +266,12 @@ def test_refusals_name_what_to_do(sources, tmp_path, capsys):
     assert "pytorch_model.bin" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
     good = tmp_path / "good"
-    assert cli.main(["grow", "--load", str(src), "--save", str(good)]) == 0
+    assert cli.main(["grow", "--load", str(src), "--save", str(good)]) == 2  # a copy is not growth
+    assert "the --grow-* options change nothing" in capsys.readouterr().err and not good.exists()
+    assert cli.main(["grow", "--load", str(src), "--save", str(good), "--grow-layer-map", "0,1,2,2"]) == 0
     before = sorted(p.name for p in good.iterdir())
-    assert cli.main(["grow", "--load", str(src), "--save", str(good)]) == 2  # exists, no --overwrite
+    assert cli.main(["grow", "--load", str(src), "--save", str(good), "--grow-depth", "2"]) == 2  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
     assert cli.main(["grow", "--load", str(src), "--save", str(good), "--overwrite", "--grow-depth", "2"]) == 0
     assert sorted(p.name for p in good.iterdir()) == before
     assert json.loads((good / "config.json").read_text())["num_hidden_layers"] == 6

@@ -65,6 +65,13 @@ def test_no_growth_flags_change_nothing(ckpts):
     assert decision is None and args.num_layers == 4 and args.no_load_rng is None
 
 
+def test_growth_options_without_a_growth_are_refused_naming_them():
+    """A launch script would train on without them, silently; the offline tools refuse alike."""
+    with pytest.raises(GrowthError, match="^--grow-depth-method, --grow-noise-alpha change nothing .*"
+                                          "give --grow-depth, --grow-experts"):
+        configure(["--load", "unread", "--grow-noise-alpha", "0.05", "--grow-depth-method", "stack"])
+
+
 def test_factors_set_the_target_sizes_from_the_checkpoint(ckpts):
     args, decision = configure(grow(ckpts))
     assert decision.grow

@@ -156,6 +156,7 @@ def grow(load, save, growth: Growth = Growth(), overwrite: bool = False, batch_b
     total = sum(t.nbytes for t in tensors)
     destination = Destination(save, overwrite, log=lambda s: log(f"grow: {s}"), kind=HF_ROOT)
     destination.check_overlap(source.ckpt.path, include_parent=False)
+    plan.require_growth()  # as offline.grow: after the destination's checks, before anything is written
     log(f"grow: {source.ckpt.path} ({source.family.name}, Hugging Face) -> {destination.given}: "
         f"{plan.source.num_layers}->{plan.target_num_layers} layers, {plan.source.num_experts}->"
         f"{plan.target_num_experts} experts; {len(tensors)} tensors, {human(total, 'B')} in "

@@ -20,8 +20,8 @@ from ..errors import GrowthError
 from ..growth_run import (check_optimizer_growth, find_grown, growth_notes, growth_provenance,
                           has_checkpoint, plan_growth, real_path)
 from ..io.checkpoint import CheckpointInfo
-from ..options import Growth, add_growth_args, growth_from_args
-from ..plan import GrowthPlan
+from ..options import Growth, add_growth_args, given_options, growth_from_args
+from ..plan import GrowthPlan, nothing_to_grow
 from ..provenance import Provenance
 
 # Megatron-LM argument dests that growth sets; their values given on the command line are
@@ -37,9 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def requested(args) -> Optional[Growth]:
-    """The growth the `--grow-*` / `--upcycle-*` flags ask for; None when they ask for none."""
+    """The growth the `--grow-*` / `--upcycle-*` flags ask for; None when none is given. Flags
+    that ask for no growth are refused: the job would train on without them, silently."""
     growth = growth_from_args(args)
-    return growth if growth.asked else None
+    if growth.asked:
+        return growth
+    if given := given_options(args):
+        raise nothing_to_grow(", ".join(given))
+    return None
 
 
 @dataclass
