@@ -210,11 +210,12 @@ def copy_indices(sources: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def nothing_to_grow(options: str = "the --grow-* options") -> GrowthError:
-    """The refusal of options that ask for no growth (`options`: the ones given): every path
-    says the same."""
-    return GrowthError(f"{options} change nothing (factor 1, identity layer map): give "
-                       "--grow-depth, --grow-experts, --grow-layer-map or --upcycle-experts")
+def nothing_to_grow(options: str = "the --grow-* options",
+                    growths: str = "--grow-depth, --grow-experts, --grow-layer-map or "
+                                   "--upcycle-experts") -> GrowthError:
+    """The refusal of options that ask for no growth (`options`: the ones given; `growths`:
+    what would ask for one, as the front end names it): every path says the same."""
+    return GrowthError(f"{options} change nothing (factor 1, identity layer map): give {growths}")
 
 
 @dataclass(frozen=True)

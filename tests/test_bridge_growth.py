@@ -117,6 +117,11 @@ def test_growth_overrides():
                                             init_std=0.01)
     with pytest.raises(GrowthError, match="--grow-reinit-expert-copies is a baseline of expert growth"):
         GrowthConfig(depth=2, reinit_expert_copies=True).growth().plan(Architecture(2, 4, 2))
+    from megatron_recycle.bridge import decide
+
+    assert decide.configure(None, GrowthConfig()) is None  # no growth configured: Bridge as it is
+    with pytest.raises(GrowthError, match=r"growth.noise_alpha, growth.seed change nothing .* give growth.depth"):
+        decide.configure(None, GrowthConfig(noise_alpha=0.0, seed=7))  # before the config is touched
 
 
 def _config(out, save, **checkpoint):

@@ -58,6 +58,10 @@ class GrowthConfig:
                                   f"{sorted(action.choices)}")
         return growth_from_args(args)
 
+    def given(self) -> list[str]:
+        """The fields set to something other than their default, as `growth.<field>`."""
+        return [PREFIX + f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+
 
 def split_overrides(overrides: list[str]) -> tuple[GrowthConfig, list[str]]:
     """(`growth.*=` overrides as a GrowthConfig, the other overrides for Bridge)."""

@@ -23,7 +23,7 @@ from ..growth_run import (check_optimizer_growth, find_grown, growth_notes, grow
                           has_checkpoint, plan_growth, real_path)
 from ..io.checkpoint import CheckpointInfo
 from ..options import Growth
-from ..plan import GrowthPlan
+from ..plan import GrowthPlan, nothing_to_grow
 from ..provenance import Provenance
 from .config import GrowthConfig
 
@@ -48,6 +48,8 @@ def configure(cfg, growth: GrowthConfig) -> Optional[Decision]:
     `growth` asks for nothing. Raises GrowthError before any model exists."""
     request = growth.growth()
     if not request.asked:
+        if given := growth.given():  # the run would train on without them, silently
+            raise nothing_to_grow(", ".join(given), "growth.depth, growth.experts or growth.layer_map")
         return None
     if request.upcycle.active:
         raise GrowthError("upcycling is not supported inside Megatron-Bridge yet; upcycle offline "
