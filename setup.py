@@ -23,6 +23,8 @@ setup(
         # Hugging Face checkpoints (config.json + safetensors): safetensors reads and writes them;
         # transformers is not needed to grow, only to load the result
         "hf": ["safetensors>=0.4"],
+        # `megatron-recycle eval`: a Hugging Face checkpoint grown in memory, run by lm-evaluation-harness
+        "eval": ["safetensors>=0.4", "transformers", "lm-eval>=0.4.13,<0.5", "accelerate>=1.0"],
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["megatron-recycle=megatron_recycle.cli:main"]},

@@ -5,6 +5,7 @@
     megatron-recycle plan    --load SRC --grow-experts 2 [--tp 2 --ep 8 --pp 4 --gpus 256]
     megatron-recycle verify  --source SRC --grown DST
     megatron-recycle norms   CKPT --out DIR
+    megatron-recycle eval    --load HF_SRC --grow-experts 2 --tasks TASK [--include-path DIR]
 
 `grow` also runs as a torch.distributed job (`torchrun … -m megatron_recycle.cli grow …`): the
 ranks share the batches, rank 0 commits.
@@ -132,6 +133,17 @@ def _norms(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .hf.evaluation import require_lm_eval
+
+    require_lm_eval()
+    if (hf := _hf_commands(args.load)) is None:
+        raise GrowthError(f"--load {args.load}: not a Hugging Face checkpoint (config.json + safetensors); "
+                          "eval grows those in memory. Export a Megatron checkpoint to Hugging Face "
+                          "first (Megatron-Bridge's export_ckpt), or evaluate it with Megatron-LM")
+    return hf.evaluate(args)
+
+
 def _advice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norms", action="store_true",
                    help="read the expert weights (streaming) for the norm profile the growth "
@@ -222,6 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_norms)
+
+    p = sub.add_parser("eval", help="grow a Hugging Face checkpoint in memory and run lm-evaluation-harness",
+                       allow_abbrev=False,
+                       description="Grow a Hugging Face checkpoint in memory with the --grow-* options "
+                                   "(grow's own tensors; nothing is written), load it into "
+                                   "AutoModelForCausalLM and run lm-evaluation-harness tasks on it. "
+                                   "Without --grow-* options the source itself is evaluated. Needs "
+                                   "pip install 'megatron-recycle[eval]'.")
+    p.add_argument("--load", required=True, metavar="CKPT",
+                   help="source Hugging Face checkpoint directory; never modified")
+    p.add_argument("--tasks", required=True, nargs="+", metavar="TASK",
+                   help="lm-eval task, group or tag names (glob patterns as lm-eval takes them)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a directory of your own lm-eval task YAML files (repeatable)")
+    p.add_argument("--no-builtin-tasks", action="store_true",
+                   help="index only the --include-path tasks, not lm-eval's own (saves indexing "
+                        "its ~15,000 task files)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer directory (default: --load's)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="torch device of the model (default: cuda where available, else cpu)")
+    p.add_argument("--batch-size", type=integer(1), default=1, metavar="N",
+                   help="lm-eval batch size (default: %(default)s)")
+    p.add_argument("--num-fewshot", type=integer(0), default=None, metavar="N",
+                   help="few-shot examples per prompt (default: each task's own)")
+    p.add_argument("--limit", type=integer(1), default=None, metavar="N",
+                   help="evaluate only the first N examples of each task")
+    p.add_argument("--output-json", default=None, metavar="FILE",
+                   help="also write lm-eval's results and the growth plan to FILE (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-json FILE")
+    p.add_argument("--log-samples", action="store_true",
+                   help="put each example's inputs and loglikelihoods into --output-json (samples)")
+    add_growth_args(p)
+    p.set_defaults(run=_eval)
     return parser
 
 

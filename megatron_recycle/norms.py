@@ -22,8 +22,6 @@ import csv
 import io
 import itertools
 import math
-import os
-import secrets
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 
 from . import indexing
 from .errors import CheckpointError, GrowthError
+from .io.destination import write_file
 from .mapping import Box
 
 # What the paper's profile counts as rising: the deeper half's mean at least this much
@@ -245,8 +244,8 @@ def write(profile: NormProfile, out: Path, title: str = "") -> dict:
     out = check_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        written = [_atomic(out / EXPERT_CSV, lambda f: _csv(f, expert_rows(profile))),
-                   _atomic(out / LAYER_CSV, lambda f: _csv(f, layer_rows(profile)))]
+        written = [write_file(out / EXPERT_CSV, lambda f: _csv(f, expert_rows(profile))),
+                   write_file(out / LAYER_CSV, lambda f: _csv(f, layer_rows(profile)))]
     except OSError as e:
         raise CheckpointError(f"--out {out}: cannot write ({e.strerror or e})") from None
     try:
@@ -257,7 +256,7 @@ def write(profile: NormProfile, out: Path, title: str = "") -> dict:
     except ImportError:
         return {"written": written, "plot": f"no {PLOT}: matplotlib is not installed "
                                             "(pip install matplotlib for the plot)"}
-    written.append(_atomic(out / PLOT, lambda f: _plot(plt, profile, title, f)))
+    written.append(write_file(out / PLOT, lambda f: _plot(plt, profile, title, f)))
     return {"written": written, "plot": None}
 
 
@@ -293,20 +292,6 @@ def _plot(plt, profile: NormProfile, title: str, f) -> None:
     fig.tight_layout()
     fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-
-
-def _atomic(path: Path, fill: Callable) -> Path:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"  # the umask's mode, unlike mkstemp
-    try:
-        with open(tmp, "xb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def table(profile: NormProfile) -> str:

@@ -2,7 +2,8 @@
 # The test suite on both megatron-core lines, each in its own venv (made if missing):
 # 0.19.2 (.venv) and 0.16.1 (.venv-mcore0.16). Each run also gets the other line's Python, for
 # the tests that save a checkpoint with one release and grow it with the other. A third run
-# is the Megatron-Bridge tests in .venv-bridge (megatron-bridge 0.6.2; they skip elsewhere).
+# is the Megatron-Bridge tests and `eval`'s (lm-eval 0.4.13) in .venv-bridge (megatron-bridge 0.6.2;
+# they skip elsewhere).
 #   bash scripts/test.sh [PYTEST ARGS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,6 @@ for run in ".venv .venv-mcore0.16" ".venv-mcore0.16 .venv"; do
   MEGATRON_RECYCLE_OTHER_PYTHON="$PWD/$other/bin/python" "$venv/bin/python" -m pytest tests -q "$@" \
     || status=1
 done
-echo "=== megatron-bridge 0.6.2 (.venv-bridge)"
-.venv-bridge/bin/python -m pytest tests/test_bridge*.py -q "$@" || status=1
+echo "=== megatron-bridge 0.6.2, lm-eval 0.4.13 (.venv-bridge)"
+.venv-bridge/bin/python -m pytest tests/test_bridge*.py tests/test_hf_eval.py -q "$@" || status=1
 exit $status

@@ -1,6 +1,7 @@
 """Hugging Face MoE checkpoints: tiny random models of each family, built by transformers from
 configs (no downloads), grown offline, loaded back with AutoModelForCausalLM.from_pretrained."""
 
+import importlib.util
 import json
 
 import pytest
@@ -275,3 +276,12 @@ def test_refusals_name_what_to_do(sources, tmp_path, capsys):
     assert cli.main(["grow", "--load", str(src), "--save", str(good), "--overwrite", "--grow-depth", "2"]) == 0
     assert sorted(p.name for p in good.iterdir()) == before
     assert json.loads((good / "config.json").read_text())["num_hidden_layers"] == 6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None,
+                    reason="lm-eval is installed here: tests/test_hf_eval.py runs eval")
+def test_eval_without_lm_eval_says_what_to_install(tmp_path, capsys):
+    assert cli.main(["eval", "--load", str(tmp_path), "--tasks", "hellaswag"]) == 2
+    err = capsys.readouterr().err
+    assert "lm-eval" in err and "pip install 'megatron-recycle[eval]'" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err

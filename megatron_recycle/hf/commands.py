@@ -57,3 +57,21 @@ def plan(args) -> int:
     report = plan_report(args.load, growth_from_args(args), layout)
     print(json.dumps(report, indent=1, default=str) if args.json else cost.table(report))
     return 0
+
+
+def evaluate(args) -> int:
+    from . import evaluation
+
+    _single_process(args, "eval")
+    if args.log_samples and args.output_json is None:
+        raise GrowthError("--log-samples: the samples go into --output-json; name the file")
+    output = evaluation.check_output(args.output_json, args.overwrite)
+    results = evaluation.evaluate(args.load, args.tasks, growth_from_args(args), include_paths=args.include_path,
+                                  builtin_tasks=not args.no_builtin_tasks, tokenizer=args.tokenizer,
+                                  device=args.device, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                                  limit=args.limit, log_samples=args.log_samples)
+    print(evaluation.table(results))
+    if output is not None:
+        evaluation.write_json(results, output)
+        print(f"wrote {output}")
+    return 0

@@ -1,5 +1,6 @@
 """Offline growth of a Hugging Face checkpoint into a Hugging Face checkpoint that
-`AutoModelForCausalLM.from_pretrained` loads.
+`AutoModelForCausalLM.from_pretrained` loads (`grow`), or into memory (`prepare` then
+`grown_state_dict`: what `grow` writes, for `evaluation.py`).
 
 The plan is the engine's (`GrowthPlan` from the config), each grown tensor is made by the
 engine's mapping and operators (`mapping.map_shard` → `ops.fill_shard`) on the
@@ -134,6 +135,42 @@ def grow_tensors(source: Source, plan: GrowthPlan, batch: list[TargetTensor]) ->
 
 
 @dataclass
+class Prepared:
+    """A source, its plan and everything the plan makes of it, before any tensor is grown."""
+
+    source: Source
+    plan: GrowthPlan
+    notes: list[str]
+    config: dict  # the grown config.json
+    tensors: list[TargetTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def prepare(load, growth: Growth, flag: str = "--load") -> Prepared:
+    source = read_source(load, growth.upcycle.active, flag)
+    plan = growth.plan(source.architecture)
+    notes = list(plan.exactness_notes())
+    config = grown_config(source, plan, notes)
+    return Prepared(source, plan, notes, config, target_tensors(source.view, plan, source.family))
+
+
+def grown_state_dict(prepared: Prepared) -> dict[str, torch.Tensor]:
+    """Every grown tensor, in memory, under its Hugging Face name: what `grow` writes."""
+    return grow_tensors(prepared.source, prepared.plan, prepared.tensors)
+
+
+def describe(prepared: Prepared) -> str:
+    plan = prepared.plan
+    return (f"{prepared.source.ckpt.path} ({prepared.source.family.name}, Hugging Face): "
+            f"{plan.source.num_layers}->{plan.target_num_layers} layers, {plan.source.num_experts}->"
+            f"{plan.target_num_experts} experts; {len(prepared.tensors)} tensors, "
+            f"{human(prepared.nbytes, 'B')}")
+
+
+@dataclass
 class GrowResult:
     path: Path
     plan: GrowthPlan
@@ -147,20 +184,14 @@ def grow(load, save, growth: Growth = Growth(), overwrite: bool = False, batch_b
          remove_stale_staging: bool = False,
          log: Log = lambda s: print(s, file=sys.stderr, flush=True)) -> GrowResult:
     start = time.monotonic()
-    source = read_source(load, growth.upcycle.active)
-    plan = growth.plan(source.architecture)
-    notes = list(plan.exactness_notes())
-    config = grown_config(source, plan, notes)
-    tensors = target_tensors(source.view, plan, source.family)
+    prepared = prepare(load, growth)
+    source, plan, notes, tensors = prepared.source, prepared.plan, prepared.notes, prepared.tensors
     work = batches(tensors, batch_bytes)
-    total = sum(t.nbytes for t in tensors)
+    total = prepared.nbytes
     destination = Destination(save, overwrite, log=lambda s: log(f"grow: {s}"), kind=HF_ROOT)
     destination.check_overlap(source.ckpt.path, include_parent=False)
     plan.require_growth()  # as offline.grow: after the destination's checks, before anything is written
-    log(f"grow: {source.ckpt.path} ({source.family.name}, Hugging Face) -> {destination.given}: "
-        f"{plan.source.num_layers}->{plan.target_num_layers} layers, {plan.source.num_experts}->"
-        f"{plan.target_num_experts} experts; {len(tensors)} tensors, {human(total, 'B')} in "
-        f"{len(work)} shard(s)")
+    log(f"grow: {describe(prepared)} in {len(work)} shard(s) -> {destination.given}")
     with destination:
         stale = destination.stale_staging()
         if stale and remove_stale_staging:
@@ -177,7 +208,8 @@ def grow(load, save, growth: Growth = Growth(), overwrite: bool = False, batch_b
             weight_map.update({t: name for t in grown})
             del grown
             log(f"grow: shard {number + 1}/{len(work)} written, {time.monotonic() - start:.0f} s elapsed")
-        hf_io.finish(destination.staging, source.ckpt, weight_map, total, config, record(source, plan, notes))
+        hf_io.finish(destination.staging, source.ckpt, weight_map, total, prepared.config,
+                     record(source, plan, notes))
         destination.commit()
     source.ckpt.close()
     for note in notes:

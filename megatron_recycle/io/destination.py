@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -376,6 +377,22 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
+
+
+def write_file(path: Path, fill: Callable) -> Path:
+    """One file at `path`, whole or not at all: `fill` writes it under a temporary name beside it,
+    which is renamed into place."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"  # the umask's mode, unlike mkstemp
+    try:
+        with open(tmp, "xb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def tree_bytes(path: Path) -> int:
