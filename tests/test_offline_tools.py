@@ -260,15 +260,21 @@ def test_tokenizer_and_integrity_manifest_are_carried_and_checked(grown_without_
             validation.verify_integrity_manifest(str(altered))
 
 
-def test_grow_refuses_a_source_its_integrity_manifest_disagrees_with(grown_without_extra_state, tmp_path):
+@pytest.mark.parametrize("damage", ["file changed", "manifest garbled"])
+def test_grow_refuses_a_source_its_integrity_manifest_disagrees_with(grown_without_extra_state, tmp_path, damage):
     import shutil
 
     out = grown_without_extra_state
     shutil.copytree(out / "src-no-extra-state", tmp_path / "src")
-    with open(tmp_path / "src" / "iter_0000005" / "metadata.json", "ab") as f:
-        f.write(b" ")  # changed after it was saved
+    iteration = tmp_path / "src" / "iter_0000005"
+    if damage == "file changed":
+        with open(iteration / "metadata.json", "ab") as f:
+            f.write(b" ")  # changed after it was saved
+    else:
+        (iteration / "integrity.json").write_text('{"algorithm": "sha256", "files": {"../x": "0"}}')
     proc = cli("grow", "--load", tmp_path / "src", "--save", tmp_path / "never", *GROW_FLAGS, check=False)
-    assert proc.returncode == 3 and "integrity.json" in proc.stderr and "metadata.json" in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and "integrity.json" in proc.stderr, proc.stderr
+    assert ("metadata.json does not match" if damage == "file changed" else "not a megatron-core") in proc.stderr
     assert not (tmp_path / "never").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
 
 

@@ -41,10 +41,11 @@ def read_manifest(path: Path) -> dict[str, str]:
                               "checkpoint is corrupt") from None
     files = data.get("files") if isinstance(data, dict) else None
     if (not isinstance(files, dict) or data.get("algorithm", ALGORITHM) != ALGORITHM
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+            or not all(isinstance(k, str) and isinstance(v, str) and k not in ("", ".", "..")
+                       and os.sep not in k and "/" not in k for k, v in files.items())):
         raise CheckpointError(f"{path}: not a megatron-core integrity manifest "
-                              f"({{'algorithm': '{ALGORITHM}', 'files': {{name: digest}}}}); the "
-                              "checkpoint is corrupt")
+                              f"({{'algorithm': '{ALGORITHM}', 'files': {{file name: digest}}}}); "
+                              "the checkpoint is corrupt")
     return files
 
 
@@ -67,15 +68,17 @@ def top_level_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != INTEGRITY)
 
 
-def manifest_problems(directory: Path) -> list[str]:
-    """How the files of `directory` disagree with its `integrity.json` (as megatron-core checks:
-    each listed file's digest), and the files it leaves out."""
+def manifest_problems(directory: Path, complete: bool = False) -> list[str]:
+    """How the files of `directory` disagree with its `integrity.json`, as megatron-core checks
+    (each listed file's digest); `complete`: every file must be listed too (a grown manifest;
+    a framework may write files beside a source's after megatron-core hashed it)."""
     listed = read_manifest(directory / INTEGRITY)
     present = [n for n in listed if (directory / n).is_file()]
     have = digests(directory, present)
     out = [f"{INTEGRITY}: {n} is listed but missing" for n in sorted(set(listed) - set(present))]
     out += [f"{INTEGRITY}: {n} does not match its digest" for n in present if have[n] != listed[n]]
-    out += [f"{INTEGRITY}: {n} is not listed" for n in top_level_files(directory) if n not in listed]
+    if complete:
+        out += [f"{INTEGRITY}: {n} is not listed" for n in top_level_files(directory) if n not in listed]
     return out
 
 
@@ -138,5 +141,5 @@ class IterationFiles:
             if not (grown / INTEGRITY).is_file():
                 out.append(f"{INTEGRITY}: missing (the source has one)")
             else:
-                out += manifest_problems(grown)
+                out += manifest_problems(grown, complete=True)
         return out
