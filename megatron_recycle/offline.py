@@ -2,8 +2,9 @@
 
 1. Plan: the manifest (`manifest.py`) lists every piece and object the grown checkpoint holds,
    from the source metadata and the plan alone; it is cut into batches bounded in bytes.
-2. Check, before anything is written: the options, the destination (`io/destination.py`:
-   lock, what `--overwrite` may replace, free space).
+2. Check, before anything is written: the options, the source's files against its
+   `integrity.json` where it has one, the destination (`io/destination.py`: lock, what
+   `--overwrite` may replace, free space).
 3. Grow and write: each batch is grown by the load hook's own code (`load_hook.grow_state_dict`,
    so the output is the hook's output by construction) from boxes read in this process, and
    written as one more `.distcp` file into a private staging directory; one process grows a
@@ -12,10 +13,11 @@
    (torchrun / srun, gloo), share them.
 4. Commit: once every batch file is durable, one `.metadata` over all batches, the common
    state (grown args, provenance), `metadata.json`, the files the source's framework keeps
-   beside the weights (`companions.py`: Megatron-Bridge's run_config.yaml, train state,
-   tokenizer) and last the tracker file are written; the source is checked to be what it was
-   when the grow started (`io/snapshot.py`: every rank after its last read, rank 0 again here),
-   and the staging directory is renamed to the destination.
+   beside the weights (`companions.py`: Megatron-Bridge's run_config.yaml, train state), the
+   iteration's own (`io/iteration_files.py`: the tokenizer, and an `integrity.json` over the
+   grown files where the source has one) and last the tracker file are written; the source is
+   checked to be what it was when the grow started (`io/snapshot.py`: every rank after its
+   last read, rank 0 again here), and the staging directory is renamed to the destination.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .distributed import Job
 from .errors import GrowthError
 from .io.checkpoint import TRACKER_FILE, CheckpointInfo, resolve
 from .io.destination import Destination, tree_bytes
+from .io.iteration_files import IterationFiles
 from .io.snapshot import SourceSnapshot
 from .manifest import Batch, batches, keeps_optimizer, target_objects, target_pieces
 from .options import Growth
@@ -206,6 +209,8 @@ def grow(
     framework_files = companions.of(info)  # read and checked before anything is written
     if framework_files is not None:
         framework_files.grown_config(plan, info.dense_hidden())
+    iteration_files = IterationFiles.of(info.path)
+    job.on_rank0(iteration_files.check_source)  # reads the source once, where it has a manifest
 
     notes = list(plan.exactness_notes())
     if info.optimizer_format and optimizer == "reset":
@@ -247,6 +252,12 @@ def grow(
         if framework_files is not None:
             for path in framework_files.write(staging, out_dir, plan, info.dense_hidden()):
                 fsync(path)
+        for path in iteration_files.write(out_dir):
+            fsync(path)
+        sealed = iteration_files.seal(out_dir)  # hashes every file above: after them
+        if sealed is not None:
+            fsync(sealed)
+        fsync(out_dir)  # the entries added since `finish`
         (staging / TRACKER_FILE).write_text(tracker)  # last: only now is it a checkpoint
         fsync(staging / TRACKER_FILE)
         pinned.check()  # after every rank's last read

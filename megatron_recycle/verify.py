@@ -22,6 +22,7 @@ import torch
 from . import companions, consistency, hybrid, indexing, manifest, ops, policy, upcycling
 from .errors import GrowthError
 from .io.checkpoint import CheckpointInfo, iteration_dir
+from .io.iteration_files import IterationFiles
 from .mapping import INIT_STREAM, Box
 from .plan import GrowthPlan
 
@@ -267,6 +268,7 @@ def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, re
     framework_files = companions.of(src)  # e.g. Megatron-Bridge's run_config.yaml, train state
     if framework_files is not None:
         report.mismatches += framework_files.mismatches(dst, plan, src.dense_hidden())
+    report.mismatches += IterationFiles.of(src.path).mismatches(dst.path)  # tokenizer, integrity.json
     record = dst.provenance
     if record is not None:
         report.mismatches += [f"common state: the growth record disagrees with itself: {p}"

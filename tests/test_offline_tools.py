@@ -174,6 +174,110 @@ def test_mixed_dense_moe_with_a_layer_map_grows_and_verifies(grown):
     assert torch.equal(tensors[key.format(3)][5], source[key.format(2)][2])  # layer 3 <- 2, expert 5 <- 2
 
 
+# --- what Megatron-LM saves beside the weights, and without -----------------------------------
+TOKENIZER = {"tokenizer.json": b'{"model": {"type": "BPE"}}', "nested/merges.txt": b"#version: 0.2\nt h\n"}
+
+
+def save_integrity_manifest(iteration):
+    """As megatron-core 0.19+ saving with `verify_integrity` does (its own function there);
+    before 0.19, written out by hand: SHA-256 of every file at the top of the directory."""
+    try:
+        from megatron.core.dist_checkpointing.validation import save_integrity_manifest as save
+    except ImportError:
+        import hashlib
+        import json
+
+        files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in sorted(iteration.iterdir()) if p.is_file()}
+        (iteration / "integrity.json").write_text(json.dumps({"algorithm": "sha256", "files": files}))
+    else:
+        save(str(iteration))
+
+
+@pytest.fixture(scope="module")
+def grown_without_extra_state(ranks, grown):
+    """OUT/src-no-extra-state: OUT/src's model and optimizer saved by megatron-core without
+    `_extra_state` (as `--ckpt-drop-redundant-extra-state` saves), with a tokenizer/ and an
+    integrity.json (as Megatron-LM main's `--save-tokenizer-assets` and `--verify-integrity`
+    write them); grown offline into OUT/dst-no-extra-state."""
+    out, _, _ = grown
+    ranks("offline_roundtrip.py", 2, "source-no-extra-state", out)
+    iteration = out / "src-no-extra-state" / "iter_0000005"
+    for name, data in TOKENIZER.items():
+        (iteration / "tokenizer" / name).parent.mkdir(parents=True, exist_ok=True)
+        (iteration / "tokenizer" / name).write_bytes(data)
+    save_integrity_manifest(iteration)
+    cli("grow", "--load", out / "src-no-extra-state", "--save", out / "dst-no-extra-state", *GROW_FLAGS)
+    return out
+
+
+def test_a_source_without_extra_state_grows_offline_and_at_load_as_one_with_it(ranks, grown_without_extra_state,
+                                                                              tmp_path):
+    from megatron_recycle.io.checkpoint import CheckpointInfo
+
+    out = grown_without_extra_state
+    assert CheckpointInfo.read(out / "src").objects and not CheckpointInfo.read(out / "src-no-extra-state").objects
+    assert not CheckpointInfo.read(out / "dst-no-extra-state").objects  # none made up
+    assert "verify: OK" in cli("verify", "--source", out / "src-no-extra-state",
+                               "--grown", out / "dst-no-extra-state").stdout
+    with_objects = ckpt_tools.read_checkpoint(out / "dst" / "iter_0000005")
+    without = ckpt_tools.read_checkpoint(out / "dst-no-extra-state" / "iter_0000005")
+    assert with_objects.keys() == without.keys() and all(torch.equal(with_objects[k], without[k]) for k in without)
+    # at load, asking for no _extra_state (as that flag makes Megatron-LM's load): the hook gives
+    # what plain megatron-core loads from the offline-grown checkpoint, in three layouts
+    ranks("offline_roundtrip.py", 2, "compare", out / "src-no-extra-state" / "iter_0000005",
+          out / "dst-no-extra-state" / "iter_0000005", tmp_path, "no-extra-state")
+    counts = __import__("json").loads((tmp_path / "compare.json").read_text())
+    assert set(counts) == {"ep2", "tp2", "pp2"} and min(counts.values()) > 100, counts
+
+
+def test_tokenizer_and_integrity_manifest_are_carried_and_checked(grown_without_extra_state, tmp_path):
+    import shutil
+
+    from megatron_recycle.io.iteration_files import IterationFiles
+
+    out = grown_without_extra_state
+    source, iteration = out / "src-no-extra-state" / "iter_0000005", out / "dst-no-extra-state" / "iter_0000005"
+    assert {n: (iteration / "tokenizer" / n).read_bytes() for n in TOKENIZER} == TOKENIZER
+    manifest = __import__("json").loads((iteration / "integrity.json").read_text())
+    assert manifest["algorithm"] == "sha256"
+    assert sorted(manifest["files"]) == sorted(p.name for p in iteration.iterdir()
+                                               if p.is_file() and p.name != "integrity.json")
+    checked = IterationFiles.of(source)
+    assert checked.mismatches(iteration) == []
+    altered = tmp_path / "altered"
+    shutil.copytree(iteration, altered)
+    (altered / "tokenizer" / "nested" / "merges.txt").write_bytes(b"#version: 0.2\nt x\n")
+    with open(altered / "metadata.json", "ab") as f:
+        f.write(b" ")
+    assert checked.mismatches(altered) == ["tokenizer/nested/merges.txt: missing or not the source's",
+                                           "integrity.json: metadata.json does not match its digest"]
+    from megatron.core.dist_checkpointing import validation
+
+    if hasattr(validation, "verify_integrity_manifest"):  # megatron-core 0.19+: its own verifier
+        validation.verify_integrity_manifest(str(iteration))
+        with pytest.raises(Exception, match="metadata.json: hash mismatch"):
+            validation.verify_integrity_manifest(str(altered))
+
+
+@pytest.mark.parametrize("damage", ["file changed", "manifest garbled"])
+def test_grow_refuses_a_source_its_integrity_manifest_disagrees_with(grown_without_extra_state, tmp_path, damage):
+    import shutil
+
+    out = grown_without_extra_state
+    shutil.copytree(out / "src-no-extra-state", tmp_path / "src")
+    iteration = tmp_path / "src" / "iter_0000005"
+    if damage == "file changed":
+        with open(iteration / "metadata.json", "ab") as f:
+            f.write(b" ")  # changed after it was saved
+    else:
+        (iteration / "integrity.json").write_text('{"algorithm": "sha256", "files": {"../x": "0"}}')
+    proc = cli("grow", "--load", tmp_path / "src", "--save", tmp_path / "never", *GROW_FLAGS, check=False)
+    assert proc.returncode == 3 and "integrity.json" in proc.stderr, proc.stderr
+    assert ("metadata.json does not match" if damage == "file changed" else "not a megatron-core") in proc.stderr
+    assert not (tmp_path / "never").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
 def test_bad_options_and_existing_destination_write_nothing(grown):
     out, _, _ = grown
     proc = cli("grow", "--load", out / "src", "--save", out / "never", "--grow-layer-map", "0,1", check=False)

@@ -5,7 +5,7 @@ counters from `iter_N/train_state.pt` and the root's `latest_train_state.pt` (it
 and exports with the tokenizer in `iter_N/tokenizer/`. A grown Bridge checkpoint carries all
 of them: the run configuration with exactly the sizes growth changes rewritten (every other
 entry, `_target_` ones included, as it was), the training state unchanged (step, consumed
-samples, FLOPs), the tokenizer copied.
+samples, FLOPs); the tokenizer is copied as for any source (`io/iteration_files.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from ..io.safe_pickle import forbidden, refusal
 
 TRAIN_STATE = "train_state.pt"
 TRACKER = "latest_train_state.pt"
-TOKENIZER = "tokenizer"
 _COUNTERS = ("step", "consumed_train_samples", "floating_point_operations_so_far")
 
 
@@ -90,10 +89,6 @@ class BridgeFiles:
             for path in (iteration_dir / TRAIN_STATE, root / TRACKER):
                 shutil.copyfile(self.source / TRAIN_STATE, path)  # carried byte for byte
                 written.append(path)
-        tokenizer = self.source / TOKENIZER
-        if tokenizer.is_dir():
-            shutil.copytree(tokenizer, iteration_dir / TOKENIZER, symlinks=False)
-            written += sorted((iteration_dir / TOKENIZER).rglob("*")) + [iteration_dir / TOKENIZER]
         return written
 
     def mismatches(self, grown, plan, dense_hidden: Optional[int]) -> list[str]:
@@ -120,10 +115,6 @@ class BridgeFiles:
                     if name in self.train_state and not torch.equal(state.get(name), self.train_state[name]):
                         out.append(f"{path.name}: {name} is {state.get(name)}, the source's is "
                                    f"{self.train_state[name]}")
-        for path in sorted((self.source / TOKENIZER).rglob("*")) if (self.source / TOKENIZER).is_dir() else []:
-            copy = grown.path / TOKENIZER / path.relative_to(self.source / TOKENIZER)
-            if path.is_file() and (not copy.is_file() or copy.read_bytes() != path.read_bytes()):
-                out.append(f"{TOKENIZER}/{copy.name}: missing or not the source's")
         return out
 
     def notes(self, plan) -> list[str]:

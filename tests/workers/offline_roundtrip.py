@@ -3,15 +3,19 @@ offline-grown checkpoint to exactly what the load hook gives.
 
 Usage: torchrun --nproc-per-node 2 offline_roundtrip.py source OUT
        torchrun --nproc-per-node 2 offline_roundtrip.py source-listed OUT
-       torchrun --nproc-per-node 2 offline_roundtrip.py compare SRC_ITER_DIR GROWN_ITER_DIR OUT [plain] [listed]
+       torchrun --nproc-per-node 2 offline_roundtrip.py source-no-extra-state OUT
+       torchrun --nproc-per-node 2 offline_roundtrip.py compare SRC_ITER_DIR GROWN_ITER_DIR OUT [plain] [listed] [no-extra-state]
 `source` writes OUT/src (scenarios.SPEC at TP2, with a model-space optimizer state) and
 OUT/src-mixed (a mixed dense/MoE model whose layers are indexed in the keys); `source-listed`
 writes OUT/src-listed (offline_specs.LISTED at EP2 with a model-space optimizer state: all-MoE,
-layers indexed in the keys).
+layers indexed in the keys); `source-no-extra-state` writes OUT/src-no-extra-state: OUT/src's
+model saved without its `_extra_state` objects, as Megatron-LM's
+`--ckpt-drop-redundant-extra-state` saves them.
 `compare` loads the grown checkpoint with plain `dist_checkpointing.load` at several layouts,
 loads the source through the hook at the same layouts (unless `plain`: where this
 megatron-core cannot open the source), and writes OUT/compare.json; `listed`: the models are
-LISTED and LISTED_PLAN instead of scenarios.SPEC and PLAN.
+LISTED and LISTED_PLAN instead of scenarios.SPEC and PLAN; `no-extra-state`: both loads ask
+for no `_extra_state` (as that flag makes Megatron-LM's load ask).
 """
 
 import dataclasses
@@ -21,8 +25,8 @@ import _boot
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject, ShardedTensor
 
 import ckpt_tools
 from megatron_recycle.testing import toy
@@ -53,11 +57,27 @@ def with_optimizer(chunks, seed):
     return {"model": model, "optimizer": optimizer}
 
 
-def save_sources(out):
+def without_extra_state(state):
+    """`_extra_state` objects made local, as `--ckpt-drop-redundant-extra-state` does (for
+    extra state with no FP8 delayed scaling): megatron-core's save then drops them, and a load
+    fills them from the model instead of asking the checkpoint."""
+    def localize(value):
+        if isinstance(value, ShardedObject) and value.key.endswith("_extra_state"):
+            return LocalNonpersistentObject(value.data)
+        return value
+
+    dict_list_map_inplace(localize, state)
+    return state
+
+
+def save_sources(out, extra_state=True):
     toy.init_parallel(toy.Layout(tp=2))
     chunks = toy.build(SPEC, toy.Layout(tp=2), seed=1)
     state = with_optimizer(chunks, seed=5)
     state.update(args=toy.megatron_args(SPEC, toy.Layout(tp=2)), iteration=5)
+    if not extra_state:
+        toy.save_checkpoint(f"{out}/src-no-extra-state", 5, without_extra_state(state))
+        return
     toy.save_checkpoint(f"{out}/src", 5, state)
 
     ckpt_tools.save_source(MIXED, toy.Layout(ep=2), f"{out}/src-mixed", iteration=3, seed=2)
@@ -83,17 +103,22 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
-def compare(src, grown, out, plain_only=False, spec=SPEC, plan=PLAN):
+def compare(src, grown, out, plain_only=False, spec=SPEC, plan=PLAN, extra_state=True):
     rank, _ = _boot.init()
     counts = {}
+
+    def request(chunks):
+        state = with_optimizer(chunks, seed=0)
+        return state if extra_state else without_extra_state(state)
+
     for name, layout in LAYOUTS.items():
         toy.init_parallel(layout)
         chunks = toy.build(spec.grown(plan), layout, seed=99)
-        plain = tensors(dist_checkpointing.load(with_optimizer(chunks, seed=0), grown))
+        plain = tensors(dist_checkpointing.load(request(chunks), grown))
         counts[name] = len(plain)
         if plain_only:
             continue
-        hooked = dist_checkpointing.load(with_optimizer(chunks, seed=0), src, GrowthLoadStrategy(plan))
+        hooked = dist_checkpointing.load(request(chunks), src, GrowthLoadStrategy(plan))
         hooked = tensors(hooked)
         assert plain.keys() == hooked.keys(), (name, plain.keys() ^ hooked.keys())
         for key, t in plain.items():
@@ -108,6 +133,10 @@ if __name__ == "__main__":
         _boot.init()
         save_sources(sys.argv[2])
         _boot.finish()
+    elif sys.argv[1] == "source-no-extra-state":
+        _boot.init()
+        save_sources(sys.argv[2], extra_state=False)
+        _boot.finish()
     elif sys.argv[1] == "source-listed":
         _boot.init()
         save_listed_source(sys.argv[2])
@@ -116,4 +145,5 @@ if __name__ == "__main__":
         models = {"spec": LISTED, "plan": LISTED_PLAN} if "listed" in sys.argv[5:] else {}
         if "copy-init" in sys.argv[5:]:
             models = {"plan": COPY_INIT_PLAN}
-        compare(*sys.argv[2:5], plain_only="plain" in sys.argv[5:], **models)
+        compare(*sys.argv[2:5], plain_only="plain" in sys.argv[5:],
+                extra_state="no-extra-state" not in sys.argv[5:], **models)
