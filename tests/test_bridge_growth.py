@@ -9,8 +9,10 @@ resumes the grown checkpoint plainly. Needs megatron-bridge (the `.venv-bridge` 
 
 import importlib.util
 import json
+import math
 
 import pytest
+import torch
 
 for needed in ("megatron.bridge", "transformers"):
     if importlib.util.find_spec(needed) is None:
@@ -77,6 +79,38 @@ def test_requeue_resumes_the_grown_checkpoint_without_growing_again(runs):
     assert info.iteration == 6 and info.provenance.source.iteration == 2
 
 
+def test_offline_grown_checkpoint_resumes_in_bridge_pretrain(runs):
+    """The base run grown offline, then continued by Bridge's own pretrain(): the step and
+    consumed samples from train_state.pt, the base run's function right after the load, and
+    iteration 3's loss that of the same batch on the model grown at load (both are the base
+    run's function)."""
+    out, _ = runs
+    offline, grow = record(out, "offline"), record(out, "grow")
+    assert offline["start_step"] == 2 and offline["consumed_samples"] == 8
+    assert offline["iterations"] == [3, 4] and offline["max_logit_diff"] < 1e-5
+    losses = [step["lm loss"] for step in offline["losses"]]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert abs(losses[0] - grow["losses"][0]["lm loss"]) < 1e-5
+    info = CheckpointInfo.read(out / "offline-run")
+    assert info.iteration == 4 and info.run_config["model"]["num_layers"] == 4
+
+
+def test_grown_at_load_into_ep2_equals_offline_growth_bit_for_bit(runs):
+    """Grown at load by Bridge into EP2 (the source is EP1, PP1) with noise: every tensor the
+    model holds right after the load is the offline growth's, bit for bit."""
+    from ckpt_tools import assemble, read_checkpoint
+
+    out, _ = runs
+    assert record(out, "ep2")["expert_parallel"] == 2 and record(out, "ep2")["iterations"] == []
+    loaded = assemble([torch.load(out / f"ep2-rank{r}.pt", weights_only=True) for r in (0, 1)])
+    grown = read_checkpoint(CheckpointInfo.read(out / "offline-noisy").path)
+    assert set(loaded) == {k for k in grown if not k.startswith("optimizer.")}
+    different = [k for k in loaded if not torch.equal(loaded[k], grown[k])]
+    assert not different, different
+    fc1 = next(k for k in loaded if "experts" in k and k.endswith("linear_fc1.weight"))
+    assert not torch.equal(loaded[fc1][:, 0], loaded[fc1][:, 4])  # expert 4 is 0's noisy copy
+
+
 def test_manager_without_growth_configured_is_refused(runs, ranks):
     out, _ = runs
     ranks("bridge_growth.py", 1, "unconfigured", out)
@@ -107,6 +141,8 @@ def test_growth_overrides():
         split_overrides(["growth.depth=two"])
     with pytest.raises(GrowthError, match="growth.<field>=<value>"):
         split_overrides(["growth.depht=2"])
+    with pytest.raises(GrowthError, match="upcycling is not supported inside Megatron-Bridge; upcycle offline"):
+        split_overrides(["growth.upcycle_experts=8"])
     with pytest.raises(GrowthError, match="growth.topk='x': must be one of"):
         GrowthConfig(topk="x").growth()
     assert not GrowthConfig().growth().asked
