@@ -123,7 +123,6 @@ def unconfigured(out: Path) -> None:
 def _pretrain(cfg, out: Path, phase: str, growth) -> None:
     from megatron.bridge.training.callbacks import CallbackManager
     from megatron.bridge.training.gpt_step import forward_step
-
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     destroy_moe_metrics_tracker()  # a process-wide one, sized by an earlier run's layer count
