@@ -97,20 +97,23 @@ def test_offline_grown_checkpoint_resumes_in_bridge_pretrain(runs):
     assert info.iteration == 4 and info.run_config["model"]["num_layers"] == 4
 
 
-def test_grown_at_load_into_ep2_equals_offline_growth_bit_for_bit(runs):
-    """Grown at load by Bridge into EP2 (the source is EP1, PP1) with noise: every tensor the
-    model holds right after the load is the offline growth's, bit for bit."""
+@pytest.mark.parametrize("phase,offline", [("ep2", "offline-noisy"), ("grow", "offline")])
+def test_grown_at_load_in_another_layout_equals_offline_growth_bit_for_bit(runs, phase, offline):
+    """Grown at load by Bridge into EP2 with noise (ep2), or into PP2 with zero-init copies
+    (grow), from the EP1 PP1 base run: every tensor the model holds right after the load is
+    the offline growth's of the same options, bit for bit."""
     from ckpt_tools import assemble, read_checkpoint
 
     out, _ = runs
     assert record(out, "ep2")["expert_parallel"] == 2 and record(out, "ep2")["iterations"] == []
-    loaded = assemble([torch.load(out / f"ep2-rank{r}.pt", weights_only=True) for r in (0, 1)])
-    grown = read_checkpoint(CheckpointInfo.read(out / "offline-noisy").path)
+    loaded = assemble([torch.load(out / f"{phase}-rank{r}.pt", weights_only=True) for r in (0, 1)])
+    grown = read_checkpoint(CheckpointInfo.read(out / offline).path)
     assert set(loaded) == {k for k in grown if not k.startswith("optimizer.")}
     different = [k for k in loaded if not torch.equal(loaded[k], grown[k])]
     assert not different, different
     fc1 = next(k for k in loaded if "experts" in k and k.endswith("linear_fc1.weight"))
-    assert not torch.equal(loaded[fc1][:, 0], loaded[fc1][:, 4])  # expert 4 is 0's noisy copy
+    copies_equal = torch.equal(loaded[fc1][:, 0], loaded[fc1][:, 4])  # expert 4 is 0's copy
+    assert copies_equal == (phase == "grow")  # noisy at alpha 0.05, exact at alpha 0
 
 
 def test_manager_without_growth_configured_is_refused(runs, ranks):

@@ -14,7 +14,7 @@ Usage: torchrun --nproc-per-node N bridge_growth.py PHASE OUT
   run, nothing saved): each rank writes the model's shards right after the load to
   OUT/ep2-rank<R>.pt. Then, PP2: pretrain() with checkpoint.load=OUT/base, save=OUT/grown and
   growth depth 2 (zero-init copies), experts 2 at alpha 0, to 6 iterations, stopping at 4
-  (exit_interval).
+  (exit_interval); its shards right after the load in OUT/grow-rank<R>.pt.
 - requeue (2 ranks, PP2): the same job relaunched unchanged.
 - unconfigured (1 rank): megatron-recycle's manager named without install(): refused.
 Each pretrain phase writes OUT/<phase>.json: the step and logits right after the load (a
@@ -136,13 +136,13 @@ def _pretrain(cfg, out: Path, phase: str, growth) -> None:
         record["start_step"] = context.state.train_state.step
         record["consumed_samples"] = context.state.train_state.consumed_train_samples
         record["expert_parallel"] = parallel_state.get_expert_model_parallel_world_size()
-        if phase == "ep2":
+        if phase in ("ep2", "grow"):  # the tensors as grown at load, to compare with offline growth's
             from megatron.core.utils import unwrap_model
 
             from ckpt_tools import local_shards
 
             (chunk,) = unwrap_model(context.model)
-            torch.save(local_shards(chunk.sharded_state_dict()), out / f"ep2-rank{dist.get_rank()}.pt")
+            torch.save(local_shards(chunk.sharded_state_dict()), out / f"{phase}-rank{dist.get_rank()}.pt")
         logits = pipeline_logits(context.model, reference["tokens"])
         if logits is not None:  # the imported HF model (base), the trained base (grown ones)
             want = reference["logits"] if phase == "base" else torch.load(out / "base_logits.pt")
