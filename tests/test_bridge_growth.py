@@ -3,7 +3,9 @@
 A tiny random HF Qwen3-MoE imported with Bridge, a 2-iteration base run, then Bridge's training
 entry grows it at load (depth x2 with zero-init copies, experts x2 at alpha 0, top-k x2) into
 pipeline parallel 2 on 2 gloo ranks, continues the base run's train state and trains; a requeue
-resumes the grown checkpoint plainly. Needs megatron-bridge (the `.venv-bridge` of
+resumes the grown checkpoint plainly. The base run grown offline is resumed by Bridge's own
+pretrain(); grown at load into EP2 and PP2 it holds the offline growth's tensors bit for bit.
+Needs megatron-bridge (the `.venv-bridge` of
 `scripts/setup_venv.sh bridge`); skips elsewhere.
 """
 
