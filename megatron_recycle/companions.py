@@ -4,7 +4,7 @@ A framework adapter offers a class with `of(info)` (its files in a source checkp
 checked, or None when that framework did not save it), `grown_config(plan, dense_hidden)`
 (raises before anything is written if growth cannot carry them), `write(root, iteration_dir,
 plan, dense_hidden)` (into the staging checkpoint; returns the files written),
-`mismatches(grown, plan, dense_hidden)` (for `verify`) and `notes(plan)`. Offline growth and
+`mismatches(grown, plan, dense_hidden)` (for `verify`) and `notes(plan, dense_hidden)`. Offline growth and
 `verify` ask `of` for the source's, and never name a framework themselves.
 """
 

@@ -221,7 +221,7 @@ def grow(
                      "parallel layout and cannot be grown; it is dropped: load the grown "
                      "checkpoint with --no-load-optim")
     if framework_files is not None:
-        notes += framework_files.notes(plan)
+        notes += framework_files.notes(plan, info.dense_hidden())
     pieces = target_pieces(info, plan, max(batch_bytes // 4, 1), keep_optimizer)
     objects = target_objects(info, plan, keep_optimizer)
     work = batches(pieces, objects, batch_bytes)

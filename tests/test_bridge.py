@@ -25,7 +25,7 @@ from megatron_recycle import cost, inspection, offline, verify  # noqa: E402
 from megatron_recycle.errors import GrowthError  # noqa: E402
 from megatron_recycle.io import run_config  # noqa: E402
 from megatron_recycle.options import Growth  # noqa: E402
-from megatron_recycle.plan import DepthGrowth, WidthGrowth  # noqa: E402
+from megatron_recycle.plan import DepthGrowth, Upcycling, WidthGrowth  # noqa: E402
 from megatron_recycle.testing import bridge_cpu  # noqa: E402
 
 GROWTHS = {
@@ -159,3 +159,26 @@ def test_unsafe_train_state_is_refused(imported, tmp_path):
     with pytest.raises(Exception, match="train_state.pt"):
         offline.grow(source, tmp_path / "grown", GROWTHS["width"], log=lambda s: None)
     assert not (tmp_path / "grown").exists()
+
+
+def test_upcycle_offline_then_export_keeps_dense_logits(imported, tmp_path):
+    """Dense -> MoE of a Bridge checkpoint is offline (load-time growth in Bridge refuses it):
+    the upcycled checkpoint's run_config.yaml is the MoE's, and Bridge's export_ckpt writes a
+    Qwen3-MoE whose logits are the dense model's (alpha = 0: every expert a copy of the MLP)."""
+    config, model, ckpt = imported("qwen3")
+    grown = tmp_path / "moe"
+    upcycle = Growth(width=WidthGrowth(noise_alpha=0.0), upcycle=Upcycling(experts=4, topk=2))
+    result = offline.grow(ckpt, grown, upcycle, log=lambda s: None)
+    assert verify.verify(ckpt, grown).ok
+    assert any("model.moe_ffn_hidden_size=48" in n for n in result.notes), result.notes
+    moe = bridge_cpu.run_config_model(result.iteration_dir)
+    assert (moe["num_moe_experts"], moe["moe_router_topk"], moe["moe_ffn_hidden_size"]) == (4, 2, 48)
+    assert (moe["moe_router_score_function"], moe["moe_router_pre_softmax"]) == ("softmax", False)
+    assert bridge_cpu.run_config_model(ckpt / "iter_0000000")["num_moe_experts"] is None
+    moe_config = bridge_cpu.hf_config("qwen3_moe_norm", moe_intermediate_size=48)  # top-k renormalised
+    bridge_cpu.export_ckpt(moe_config, grown, tmp_path / "hf-moe")
+    exported = bridge_cpu.load_hf(tmp_path / "hf-moe")
+    tokens = bridge_cpu.tokens()
+    error = (bridge_cpu.logits(exported, tokens) - bridge_cpu.logits(model, tokens)).abs().max().item()
+    print(f"qwen3 upcycled x4 top-2: max |logit error| {error:.2e}")
+    assert error <= 1e-5

@@ -3,14 +3,18 @@
 A tiny random HF Qwen3-MoE imported with Bridge, a 2-iteration base run, then Bridge's training
 entry grows it at load (depth x2 with zero-init copies, experts x2 at alpha 0, top-k x2) into
 pipeline parallel 2 on 2 gloo ranks, continues the base run's train state and trains; a requeue
-resumes the grown checkpoint plainly. Needs megatron-bridge (the `.venv-bridge` of
+resumes the grown checkpoint plainly. The base run grown offline is resumed by Bridge's own
+pretrain(); grown at load into EP2 and PP2 it holds the offline growth's tensors bit for bit.
+Needs megatron-bridge (the `.venv-bridge` of
 `scripts/setup_venv.sh bridge`); skips elsewhere.
 """
 
 import importlib.util
 import json
+import math
 
 import pytest
+import torch
 
 for needed in ("megatron.bridge", "transformers"):
     if importlib.util.find_spec(needed) is None:
@@ -47,7 +51,9 @@ def test_base_run_starts_from_the_hf_model(runs):
 def test_grown_at_load_keeps_the_function_and_the_train_state(runs):
     out, logs = runs
     grow = record(out, "grow")
-    assert "growing" in logs["grow"] and "2 -> 4 layers, 4 -> 8 experts, top-k 2 -> 4" in logs["grow"]
+    grows = [line for line in logs["grow"].splitlines() if "megatron-recycle: growing /" in line]
+    assert len(grows) == 2  # the EP2 run's (test below), then this one's
+    assert all("2 -> 4 layers, 4 -> 8 experts, top-k 2 -> 4" in line for line in grows)
     assert grow["max_logit_diff"] < 1e-5  # zero-init copies, alpha 0, top-k scaled: exact
     assert grow["start_step"] == 2 and grow["consumed_samples"] == 8  # the base run's
     assert grow["iterations"] == [3, 4]
@@ -75,6 +81,41 @@ def test_requeue_resumes_the_grown_checkpoint_without_growing_again(runs):
     assert requeue["max_logit_diff"] > 1e-4  # the trained grown model, not a fresh growth
     info = CheckpointInfo.read(out / "grown")
     assert info.iteration == 6 and info.provenance.source.iteration == 2
+
+
+def test_offline_grown_checkpoint_resumes_in_bridge_pretrain(runs):
+    """The base run grown offline, then continued by Bridge's own pretrain(): the step and
+    consumed samples from train_state.pt, the base run's function right after the load, and
+    iteration 3's loss that of the same batch on the model grown at load (both are the base
+    run's function)."""
+    out, _ = runs
+    offline, grow = record(out, "offline"), record(out, "grow")
+    assert offline["start_step"] == 2 and offline["consumed_samples"] == 8
+    assert offline["iterations"] == [3, 4] and offline["max_logit_diff"] < 1e-5
+    losses = [step["lm loss"] for step in offline["losses"]]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert abs(losses[0] - grow["losses"][0]["lm loss"]) < 1e-5
+    info = CheckpointInfo.read(out / "offline-run")
+    assert info.iteration == 4 and info.run_config["model"]["num_layers"] == 4
+
+
+@pytest.mark.parametrize("phase,offline", [("ep2", "offline-noisy"), ("grow", "offline")])
+def test_grown_at_load_in_another_layout_equals_offline_growth_bit_for_bit(runs, phase, offline):
+    """Grown at load by Bridge into EP2 with noise (ep2), or into PP2 with zero-init copies
+    (grow), from the EP1 PP1 base run: every tensor the model holds right after the load is
+    the offline growth's of the same options, bit for bit."""
+    from ckpt_tools import assemble, read_checkpoint
+
+    out, _ = runs
+    assert record(out, "ep2")["expert_parallel"] == 2 and record(out, "ep2")["iterations"] == []
+    loaded = assemble([torch.load(out / f"{phase}-rank{r}.pt", weights_only=True) for r in (0, 1)])
+    grown = read_checkpoint(CheckpointInfo.read(out / offline).path)
+    assert set(loaded) == {k for k in grown if not k.startswith("optimizer.")}
+    different = [k for k in loaded if not torch.equal(loaded[k], grown[k])]
+    assert not different, different
+    fc1 = next(k for k in loaded if "experts" in k and k.endswith("linear_fc1.weight"))
+    copies_equal = torch.equal(loaded[fc1][:, 0], loaded[fc1][:, 4])  # expert 4 is 0's copy
+    assert copies_equal == (phase == "grow")  # noisy at alpha 0.05, exact at alpha 0
 
 
 def test_manager_without_growth_configured_is_refused(runs, ranks):
@@ -107,6 +148,8 @@ def test_growth_overrides():
         split_overrides(["growth.depth=two"])
     with pytest.raises(GrowthError, match="growth.<field>=<value>"):
         split_overrides(["growth.depht=2"])
+    with pytest.raises(GrowthError, match="upcycling is not supported inside Megatron-Bridge; upcycle offline"):
+        split_overrides(["growth.upcycle_experts=8"])
     with pytest.raises(GrowthError, match="growth.topk='x': must be one of"):
         GrowthConfig(topk="x").growth()
     assert not GrowthConfig().growth().asked

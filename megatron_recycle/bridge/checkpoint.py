@@ -117,16 +117,20 @@ class BridgeFiles:
                                    f"{self.train_state[name]}")
         return out
 
-    def notes(self, plan) -> list[str]:
+    def notes(self, plan, dense_hidden: Optional[int]) -> list[str]:
         """What a user resuming the grown checkpoint with Bridge must set: Bridge builds the
         model from the recipe it runs, not from run_config.yaml, and loads no optimizer state
-        grown offline from a Bridge checkpoint (it has none that is model-space)."""
+        grown offline from a Bridge checkpoint (it has none that is model-space). An upcycled
+        model also needs its experts' size and router (an MoE recipe of the family)."""
+        from .. import upcycling
+
         target = plan.target
         sets = [f"model.num_layers={target.num_layers}"]
         if target.is_moe:
             sets += [f"model.num_moe_experts={target.num_experts}", f"model.moe_router_topk={target.topk}"]
         if target.moe_layer_freq() is not None:
             sets.append(f"model.moe_layer_freq={target.moe_layer_freq()}")
+        sets += [f"model.{run_config.field_name(k)}={v}" for k, v in upcycling.model_args(plan, dense_hidden).items()]
         return ["Megatron-Bridge: export_ckpt and load_megatron_model read the grown run_config.yaml; "
                 "to continue pretraining, set in the recipe " + " ".join(sets)
                 + " and checkpoint.load=<this checkpoint> checkpoint.load_optim=False"]

@@ -73,6 +73,11 @@ def split_overrides(overrides: list[str]) -> tuple[GrowthConfig, list[str]]:
             rest.append(override)
             continue
         name = key[len(PREFIX):]
+        if name.startswith("upcycle"):
+            raise GrowthError(f"{override!r}: dense -> MoE upcycling is not supported inside "
+                              "Megatron-Bridge; upcycle offline (`megatron-recycle grow --load "
+                              "<dense> --save <moe> --upcycle-experts E`) and set checkpoint.load "
+                              "to the result")
         if not sep or name not in fields:
             raise GrowthError(f"{override!r}: give growth.<field>=<value> with a field of "
                               f"{sorted(fields)}")

@@ -141,7 +141,7 @@ VOCAB = 128
 def hf_config(family: str, **overrides):
     """A tiny config of a public MoE family: 'qwen3_moe', 'qwen3_moe_norm' (norm_topk_prob),
     'olmoe', 'glm4_moe' (sigmoid router, expert bias, shared expert, first layer dense,
-    group-limited routing)."""
+    group-limited routing); or of the dense 'qwen3' (to upcycle)."""
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
@@ -152,6 +152,9 @@ def hf_config(family: str, **overrides):
                    num_experts_per_tok=2, norm_topk_prob=family.endswith("_norm"),
                    decoder_sparse_step=1, mlp_only_layers=[])
         cls = transformers.Qwen3MoeConfig
+    elif family == "qwen3":
+        cfg = dict(common, intermediate_size=48)
+        cls = transformers.Qwen3Config
     elif family == "olmoe":
         cfg = dict(common, intermediate_size=16, num_experts=4, num_experts_per_tok=2,
                    norm_topk_prob=False, clip_qkv=None)
