@@ -51,9 +51,6 @@ def configure(cfg, growth: GrowthConfig) -> Optional[Decision]:
         if given := growth.given():  # the run would train on without them, silently
             raise nothing_to_grow(", ".join(given), "growth.depth, growth.experts or growth.layer_map")
         return None
-    if request.upcycle.active:
-        raise GrowthError("upcycling is not supported inside Megatron-Bridge yet; upcycle offline "
-                          "(`megatron-recycle grow --upcycle-experts`) and load the result")
     ckpt = cfg.checkpoint
     if ckpt.ckpt_format != "torch_dist":
         raise GrowthError(f"checkpoint.ckpt_format={ckpt.ckpt_format}: growth reads and writes "
