@@ -119,3 +119,18 @@ def test_another_torch_dcp_format_is_refused(tmp_path):
          checkpoint_id=str(tmp_path / "iter_0000001"), no_dist=True)
     with pytest.raises(GrowthError, match="args say --ckpt-format 'torch_dcp'.*re-save with --ckpt-format torch_dist"):
         CheckpointInfo.read(tmp_path / "iter_0000001", flag="CKPT")
+
+
+def test_names_of_transformer_engine_grouped_experts_and_indexed_layers():
+    """The translation alone, for names this CPU test cannot save: TE's grouped GEMM experts
+    (`weight{e}`, SwiGLU-split), layers kept in the key (list `moe_layer_freq`)."""
+    from megatron_recycle.indexing import FsdpName, from_fsdp_dtensor
+
+    grouped = "model.decoder.layers.3.mlp.experts.linear_fc1.weight17_v"
+    assert from_fsdp_dtensor(grouped, True, {}) == FsdpName(
+        "decoder.layers.mlp.experts.experts.linear_fc1.weight", (3, 17), "v")
+    assert from_fsdp_dtensor("model.decoder.layers.3.mlp.experts.linear_fc2.weight5", False, {}) == FsdpName(
+        "decoder.layers.3.mlp.experts.experts.linear_fc2.weight", (5,), None)
+    assert from_fsdp_dtensor("model.decoder.layers.2.mlp.router.weight", False, {}) == FsdpName(
+        "decoder.layers.2.mlp.router.weight", (), None)
+    assert from_fsdp_dtensor("optimizer.state.module.decoder.layers.0.mlp.router.weight.exp_avg", True, {}) is None

@@ -57,7 +57,12 @@ class FsdpDtensorCheckpoint:
         self.path = checkpoint_dir
         metadata = SafeFileSystemReader(checkpoint_dir).read_metadata()
         stored = metadata.state_dict_metadata
-        self.args = self._object("args") if "args" in stored else None
+        if "args" not in stored:
+            raise GrowthError(
+                f"{flag} {checkpoint_dir}: no metadata.json, so not a distributed (torch_dist) "
+                "checkpoint, and no args object, so not Megatron-LM's fsdp_dtensor either; point "
+                "at a complete Megatron checkpoint")
+        self.args = self._object("args")
         saved_as = getattr(self.args, "ckpt_format", None)
         if saved_as != FORMAT:
             raise GrowthError(
@@ -106,10 +111,12 @@ class FsdpDtensorCheckpoint:
 
     def stored_requests(self, requests: dict) -> dict:
         """`requests` (torch_dist keys) as requests of the stored tensors, filling the same
-        destination tensors; objects pass through."""
+        destination tensors (a GLU half each its rows); objects pass through."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
         out = {}
         for name, sh in requests.items():
-            if not hasattr(sh, "data") or sh.data is None:
+            if not isinstance(sh, ShardedTensor):
                 out[name] = sh
                 continue
             prepend = sh.prepend_axis_num
@@ -117,14 +124,16 @@ class FsdpDtensorCheckpoint:
             parts = self.units.get((sh.key, index))
             if parts is None:
                 raise GrowthError(f"tensor {sh.key!r} at {index} is not in the checkpoint")
-            start, rows, data = offset[0] if offset else 0, sh.local_shape[0] if offset else 1, sh.data
+            data = sh.data.view(tuple(sh.local_shape))
+            if not offset:  # a scalar: one part
+                out[(name, 0)] = tensor_request(parts[0][0].key, data, parts[0][0].shape, ())
+                continue
+            start, stop = offset[0], offset[0] + data.shape[0]
             for i, (part, first) in enumerate(parts):
-                lo, hi = max(start, first), min(start + rows, first + part.shape[0])
-                if lo >= hi and len(parts) > 1:
-                    continue
-                into = data.narrow(0, lo - start, hi - lo) if len(parts) > 1 else data
-                at = (lo - first,) + offset[1:] if offset else ()
-                out[(name, i)] = tensor_request(part.key, into, part.shape, at)
+                lo, hi = max(start, first), min(stop, first + part.shape[0])
+                if lo < hi:
+                    out[(name, i)] = tensor_request(part.key, data.narrow(0, lo - start, hi - lo),
+                                                    part.shape, (lo - first,) + offset[1:])
         return out
 
 
