@@ -109,6 +109,15 @@ def test_plain_megatron_core_loads_the_grown_checkpoint(ranks, grown):
         assert rank["compared"] > 20 and rank["missing"] == rank["unexpected"] == []
 
 
+def test_growth_at_load_time_is_refused_naming_the_offline_grow(sources):
+    """What the Megatron-LM and Megatron-Bridge adapters check before building anything."""
+    from megatron_recycle import compat
+    from megatron_recycle.errors import GrowthError
+
+    with pytest.raises(GrowthError, match="--load .*fsdp_dtensor.*megatron-recycle grow --load"):
+        compat.check_loadable(sources / "fsdp" / "iter_0000005")
+
+
 def test_another_torch_dcp_format_is_refused(tmp_path):
     from torch.distributed.checkpoint import save
 
