@@ -40,7 +40,13 @@ def saves_common_state_object() -> bool:
 
 def check_loadable(checkpoint_dir: Path, flag: str = "--load") -> None:
     """Refuse, before anything is built, a checkpoint this megatron-core's `dist_checkpointing.load`
-    cannot open: up to 0.18 it needs common.pt, which 0.19+ no longer writes."""
+    cannot open: up to 0.18 it needs common.pt, which 0.19+ no longer writes; no release opens
+    one without metadata.json (Megatron-FSDP's fsdp_dtensor, which the offline tools read)."""
+    if not (Path(checkpoint_dir) / "metadata.json").exists():
+        raise GrowthError(
+            f"{flag} {checkpoint_dir}: a Megatron-FSDP (fsdp_dtensor) checkpoint, which growth at "
+            "load time cannot read (megatron-core's torch_dist load never opens it); grow it "
+            "offline with `megatron-recycle grow --load <it> --save <new>` and load the result")
     if not saves_common_state_object() and not (Path(checkpoint_dir) / COMMON_STATE_FILE).exists():
         raise GrowthError(
             f"{flag} {checkpoint_dir}: saved by megatron-core 0.19 or later (its common state is "

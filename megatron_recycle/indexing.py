@@ -180,6 +180,52 @@ def stored_prepend_axes(key: str) -> int:
     return (layout.layer_axis is not None) + (layout.expert_axis is not None)
 
 
+# --- Megatron-FSDP's `fsdp_dtensor` names --------------------------------------------------------
+# Megatron-LM saves Megatron-FSDP runs with torch DCP under the modules' own parameter names:
+# `model.` + the name, layers indexed in the key, experts by global expert
+# (`…experts.local_experts.{e}.…`, or `…experts.linear_fc1.weight{e}` for TE's grouped GEMM), GLU
+# `linear_fc1` rows split into `_w` (first half) and `_v` (second half), no `_extra_state`.
+FSDP_MODEL_PREFIX = "model."
+_FSDP_GLU_HALF = re.compile(r"(\.linear_fc1\.(?:weight|bias)\d*)_([wv])$")
+_FSDP_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+_FSDP_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc[12]\.(?:weight|bias))(\d+)$")
+
+
+@dataclass(frozen=True)
+class FsdpName:
+    """Where an `fsdp_dtensor` tensor lies in the torch_dist checkpoint of the same model."""
+
+    key: str  # the torch_dist key
+    index: tuple[int, ...]  # its prepended-axis indices (layer where stacked, expert)
+    half: Optional[str]  # "w" / "v": the first / second half of the key's rows (GLU fc1)
+
+
+def from_fsdp_dtensor(name: str, stack_layers: bool, layer_keys_map: dict[str, str]) -> Optional[FsdpName]:
+    """The torch_dist place of the stored `fsdp_dtensor` tensor `name`; None outside the model.
+    `stack_layers`: megatron-core stacks this model's decoder layers (no index in its keys);
+    `layer_keys_map`: the layer spec's `sharded_state_dict_keys_map` (prefix inside a layer →
+    its torch_dist prefix), which torch_dist keys follow and fsdp_dtensor names do not."""
+    if not name.startswith(FSDP_MODEL_PREFIX):
+        return None
+    key, half, expert = name[len(FSDP_MODEL_PREFIX):], None, None
+    if m := _FSDP_GLU_HALF.search(key):
+        key, half = key[:m.start()] + m.group(1), m.group(2)
+    if m := _FSDP_LOCAL_EXPERT.search(key):
+        key, expert = f"{key[:m.start()]}.mlp.experts.experts.{key[m.end():]}", int(m.group(1))
+    elif m := _FSDP_GROUPED_EXPERT.search(key):
+        key, expert = f"{key[:m.start()]}.mlp.experts.experts.{m.group(1)}", int(m.group(2))
+    index = () if expert is None else (expert,)
+    if m := _DECODER_INDEXED.match(key):
+        tail = key[m.end():]
+        old = next((k for k in layer_keys_map if tail.startswith(k)), None)
+        if old is not None:
+            tail = layer_keys_map[old] + tail[len(old):]
+        layer = int(m.group(2))
+        key = layer_key("", tail, None if stack_layers else layer)
+        index = ((layer,) if stack_layers else ()) + index
+    return FsdpName(key, index, half)
+
+
 # --- what a checkpoint holds, from its keys and global shapes ----------------------------------
 def decoder_layer_count(shapes: dict[str, tuple[int, ...]]) -> Optional[int]:
     """Number of decoder layers from checkpoint keys and global shapes."""

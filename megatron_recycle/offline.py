@@ -159,6 +159,8 @@ def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, o
         args = copy.copy(info.args)
         for name, value in grown_model_args(plan, lambda n: getattr(args, n, None), info.dense_hidden()).items():
             setattr(args, name, value)
+        if getattr(args, "ckpt_format", None) is not None:
+            args.ckpt_format = "torch_dist"  # what is written, whatever the source was saved as
         common["args"] = args
     if not keep_optimizer:
         common.pop("optimizer", None)
@@ -217,9 +219,9 @@ def grow(
         notes.append("optimizer state dropped (--grow-optimizer reset): load the grown "
                      "checkpoint with --no-load-optim")
     elif info.optimizer_format and not keep_optimizer:
-        notes.append(f"optimizer state ({info.optimizer_format}) is tied to the saving job's "
-                     "parallel layout and cannot be grown; it is dropped: load the grown "
-                     "checkpoint with --no-load-optim")
+        notes.append(f"optimizer state ({info.optimizer_format}) cannot be grown (growth maps "
+                     f"the model-space formats {', '.join(policy.MODEL_SPACE_OPTIMIZER_FORMATS)}); "
+                     "it is dropped: load the grown checkpoint with --no-load-optim")
     if framework_files is not None:
         notes += framework_files.notes(plan, info.dense_hidden())
     pieces = target_pieces(info, plan, max(batch_bytes // 4, 1), keep_optimizer)
@@ -248,7 +250,7 @@ def grow(
 
         results = [per_rank[number % job.world][number] for number in range(len(work))]
         finish(out_dir, pieces, objects, results, grown_common(info, plan, keep_optimizer, optimizer),
-               (info.path / "metadata.json").read_bytes(), common_number=len(work))
+               info.torch_dist_config(), common_number=len(work))
         if framework_files is not None:
             for path in framework_files.write(staging, out_dir, plan, info.dense_hidden()):
                 fsync(path)

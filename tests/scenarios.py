@@ -77,3 +77,9 @@ UPCYCLE_CASES = {  # name → (depth, upcycling)
 }
 UPCYCLE_LAYOUTS = {"ep2": toy.Layout(ep=2), "dp2": toy.Layout()}
 UPCYCLE_EXACT, UPCYCLE_NOISY = WidthGrowth(noise_alpha=0.0), WidthGrowth(noise_alpha=0.01, seed=7)
+
+# fsdp_dtensor (Megatron-FSDP's checkpoint format) sources: GLU experts and a GLU shared expert
+# (the SwiGLU `_w`/`_v` split), expert bias, at EP2 (expert keys rewritten per global expert).
+FSDP_SPEC = toy.ToySpec(num_layers=2, experts=4, topk=2, shared_expert=16, expert_bias=True,
+                        score_function="sigmoid")
+FSDP_PLAN = GrowthPlan(FSDP_SPEC.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alpha=0.01, seed=7))

@@ -5,11 +5,13 @@ directories; an iteration directory has `metadata.json` (backend), `.metadata` (
 shapes of every tensor) and the common state (args, iteration, scheduler, optimizer groups):
 `common.pt` up to megatron-core 0.18, a `common_state` object inside the `.distcp` files
 from 0.19 on (`read_common_state` reads both). Both path forms are accepted wherever
-a checkpoint is asked for.
+a checkpoint is asked for. Megatron-FSDP's `fsdp_dtensor` checkpoints are presented in the
+same terms (`fsdp_dtensor.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from ..errors import CheckpointError, GrowthError
 from ..plan import Architecture
 from ..policy import DP_RESHARDABLE_KEY
 from ..provenance import Provenance
-from . import run_config
+from . import fsdp_dtensor, run_config
 from .reader import SafeFileSystemReader, read_object
 from .safe_pickle import forbidden, refusal
 
@@ -101,7 +103,7 @@ def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--
     if not p.is_dir():
         raise GrowthError(f"{flag} {p}: not a directory; point it at a checkpoint root or an "
                           "iter_XXXXXXX directory")
-    if (p / "metadata.json").exists() and step is None:
+    if ((p / "metadata.json").exists() or fsdp_dtensor.is_candidate(p)) and step is None:
         ckpt = p
     elif step is not None:
         ckpt = iteration_dir(p, step)
@@ -119,6 +121,8 @@ def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--
             "iteration directory (no metadata.json); point it at a Megatron checkpoint"
         )
     meta = ckpt / "metadata.json"
+    if fsdp_dtensor.open_checkpoint(ckpt, flag) is not None:  # refuses other torch DCP formats
+        return ckpt
     if not meta.exists():
         raise GrowthError(
             f"{flag} {ckpt}: no metadata.json, so not a distributed (torch_dist) checkpoint; "
@@ -148,12 +152,18 @@ class CheckpointInfo:
     objects: list[str]  # storage keys of the ShardedObjects (`{key}/shard_{offset}_{shape}`)
     common: dict[str, Any] = field(repr=False)
     run_config: Optional[dict[str, Any]] = field(default=None, repr=False)  # Megatron-Bridge's
+    # the optimizer state's format where it is not presented as tensors (Megatron-FSDP's)
+    stored_optimizer: Optional[str] = None
 
     @classmethod
     def read(cls, path: str | os.PathLike, step: Optional[int] = None, flag: str = "--load"):
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
         ckpt = resolve(path, step, flag)
+        fsdp = fsdp_dtensor.open_checkpoint(ckpt, flag)
+        if fsdp is not None:
+            return cls(path=ckpt, shapes=fsdp.shapes, dtypes=fsdp.dtypes, objects=[], common=fsdp.common,
+                       stored_optimizer=fsdp_dtensor.FORMAT if fsdp.has_optimizer else None)
         metadata = SafeFileSystemReader(ckpt).read_metadata()
         shapes, dtypes, objects = {}, {}, []
         for k, md in metadata.state_dict_metadata.items():
@@ -165,6 +175,16 @@ class CheckpointInfo:
         common = read_common_state(ckpt)
         return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=objects, common=common,
                    run_config=run_config.read(ckpt))
+
+    def torch_dist_config(self) -> bytes:
+        """The `metadata.json` a torch_dist checkpoint of this one carries: its own, or
+        megatron-core's for the torch_dist backend."""
+        own = self.path / "metadata.json"
+        if own.exists():
+            return own.read_bytes()
+        from megatron.core.dist_checkpointing.core import CheckpointingConfig
+
+        return json.dumps(dataclasses.asdict(CheckpointingConfig("torch_dist", 1))).encode()
 
     @property
     def args(self):
@@ -194,6 +214,8 @@ class CheckpointInfo:
     def optimizer_format(self) -> Optional[str]:
         """'fully_reshardable', 'dp_reshardable', 'non_distributed' (model-space state of
         the plain optimizer), another sharding type Megatron recorded, or None (no state)."""
+        if self.stored_optimizer:
+            return self.stored_optimizer
         state = [k for k in self.shapes if k.startswith("optimizer.")]
         sharding = (self.common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
         if sharding:

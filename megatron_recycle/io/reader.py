@@ -7,7 +7,8 @@ for partial tensors. The offline tools read in plain processes, so they ask torc
 the boxes directly: each request (a megatron-core ShardedTensor or ShardedObject) becomes
 DCP read items for exactly its box, read into the request's own tensor. `.metadata` is
 unpickled with an allow-list and objects with `weights_only=True` (torch DCP's own planner
-unpickles objects with `weights_only=False`).
+unpickles objects with `weights_only=False`). Requests name torch_dist keys; an
+`fsdp_dtensor` checkpoint's are translated to what it stores (`fsdp_dtensor.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +62,14 @@ def _cached_metadata(path: str, mtime_ns: int, size: int) -> Metadata:
     return load_metadata(Path(path))  # keyed by mtime and size: never stale
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """A request for the object torch DCP stores under `key`, as it is (megatron-core's
+    ShardedObjects are one-element lists under their `unique_key`)."""
+
+    key: str
+
+
 class _BoxPlanner(LoadPlanner):
     """Reads each requested box into its destination tensor (and objects into a dict)."""
 
@@ -80,8 +90,8 @@ class _BoxPlanner(LoadPlanner):
         items = []
         stored = self.metadata.state_dict_metadata
         for name, sh in self.requests.items():
-            if isinstance(sh, ShardedObject):
-                key = sh.unique_key
+            if isinstance(sh, (ShardedObject, StoredObject)):
+                key = sh.unique_key if isinstance(sh, ShardedObject) else sh.key
                 if key not in self.names_of_objects:
                     if not isinstance(stored.get(key), BytesStorageMetadata):
                         raise GrowthError(f"object {key!r} is not in the checkpoint")
@@ -148,19 +158,37 @@ class _BoxPlanner(LoadPlanner):
         pass  # resolve_tensor returned a view of the destination: already in place
 
 
-def box_request(box: Box, dtype: torch.dtype):
-    """A read request for `read_boxes`: `box` into a fresh tensor of `dtype`."""
+def tensor_request(key: str, data: torch.Tensor, global_shape, global_offset, prepend_axis_num: int = 0):
+    """A read request: the box of `key` at `global_offset` (prepended indices first) the shape
+    of `data`, into `data`."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    return ShardedTensor(key=box.key, data=torch.empty(box.shape, dtype=dtype), dtype=dtype,
-                         local_shape=tuple(box.shape), global_shape=tuple(box.global_shape),
-                         global_offset=box.global_offset, axis_fragmentations=None, replica_id=0,
-                         prepend_axis_num=len(box.index))
+    return ShardedTensor(key=key, data=data, dtype=data.dtype, local_shape=tuple(data.shape),
+                         global_shape=tuple(global_shape), global_offset=tuple(global_offset),
+                         axis_fragmentations=None, replica_id=0, prepend_axis_num=prepend_axis_num)
+
+
+def box_request(box: Box, dtype: torch.dtype):
+    """A read request for `read_boxes`: `box` into a fresh tensor of `dtype`."""
+    return tensor_request(box.key, torch.empty(box.shape, dtype=dtype), box.global_shape,
+                          box.global_offset, len(box.index))
 
 
 def read_boxes(checkpoint_dir, requests: dict) -> dict:
     """`requests`: name → megatron-core ShardedTensor (its `data` is filled in place, so it must
-    be contiguous) or ShardedObject. Returns name → tensor or object, like megatron-core."""
+    be contiguous), ShardedObject or StoredObject, by torch_dist key. Returns name → tensor or
+    object, like megatron-core."""
+    from .fsdp_dtensor import open_checkpoint
+
+    stored = open_checkpoint(Path(checkpoint_dir))
+    if stored is None:
+        return read_stored(checkpoint_dir, requests)
+    values = read_stored(checkpoint_dir, stored.stored_requests(requests))
+    return {name: values[name] if name in values else sh.data for name, sh in requests.items()}
+
+
+def read_stored(checkpoint_dir, requests: dict) -> dict:
+    """`read_boxes` by the keys the checkpoint stores (no translation)."""
     for name, sh in requests.items():
         data = getattr(sh, "data", None)
         if isinstance(data, torch.Tensor) and not data.is_contiguous():
@@ -207,8 +235,12 @@ def _read(checkpoint_dir, requests: dict) -> dict:
     objects = {n for names in planner.names_of_objects.values() for n in names}
     out = {name: sh.data for name, sh in requests.items() if name not in objects}
     for key, names in planner.names_of_objects.items():
-        (value,) = planner.objects[key]  # megatron-core stores each object as a 1-element list
-        out.update({name: value for name in names})
+        value = planner.objects[key]
+        for name in names:
+            if isinstance(requests[name], StoredObject):
+                out[name] = value
+            else:
+                (out[name],) = value  # megatron-core stores each object as a 1-element list
     return out
 
 
