@@ -72,14 +72,14 @@ class BatchGrower:
     def grow(self, batch: Batch) -> dict:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        from .io.reader import box_request, read_boxes
+        from .io.reader import box_request
         from .load_hook import grow_state_dict
 
         request = {f"t{i}": box_request(p.box, p.dtype) for i, p in enumerate(batch.pieces)}
         for i, o in enumerate(batch.objects):
             request[f"o{i}"] = ShardedObject(o.key, None, o.global_shape, o.offset, replica_id=0)
         return grow_state_dict(self.plan, self.source, request,
-                               lambda r: read_boxes(self.source.path, r), self.optimizer)
+                               self.source.read_boxes, self.optimizer)
 
     def write(self, batch: Batch, grown: dict) -> list:
         from .io.writer import write_batch
@@ -154,6 +154,8 @@ def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, o
     common = copy.copy(info.common)
     if info.args is not None:
         args = copy.copy(info.args)
+        if getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
+            args.ckpt_format = "torch_dist"  # what the grown checkpoint is, whatever the source was
         for name, value in grown_model_args(plan, lambda n: getattr(args, n, None), info.dense_hidden()).items():
             setattr(args, name, value)
         common["args"] = args
@@ -207,7 +209,7 @@ def grow(
     if framework_files is not None:
         framework_files.grown_config(plan, info.dense_hidden())
 
-    notes = list(plan.exactness_notes())
+    notes = list(plan.exactness_notes()) + info.reading_notes()
     if info.optimizer_format and optimizer == "reset":
         notes.append("optimizer state dropped (--grow-optimizer reset): load the grown "
                      "checkpoint with --no-load-optim")
@@ -243,7 +245,7 @@ def grow(
 
         results = [per_rank[number % job.world][number] for number in range(len(work))]
         finish(out_dir, pieces, objects, results, grown_common(info, plan, keep_optimizer, optimizer),
-               (info.path / "metadata.json").read_bytes(), common_number=len(work))
+               info.metadata_json(), common_number=len(work))
         if framework_files is not None:
             for path in framework_files.write(staging, out_dir, plan, info.dense_hidden()):
                 fsync(path)

@@ -25,7 +25,7 @@ from ..policy import DP_RESHARDABLE_KEY
 from ..provenance import Provenance
 from . import run_config
 from .reader import SafeFileSystemReader, read_object
-from .safe_pickle import forbidden, refusal
+from .safe_pickle import torch_load
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
@@ -36,8 +36,6 @@ def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
     unsafe unpickling is refused, never loaded. (megatron-core 0.19's own
     `load_common_state_dict` reads the object form through torch DCP's default planner, which
     unpickles with `weights_only=False`.)"""
-    import megatron.core  # noqa: F401  registers megatron-core's safe globals with torch
-
     legacy = checkpoint_dir / compat.COMMON_STATE_FILE
     if not legacy.exists():
         stored = SafeFileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
@@ -48,21 +46,11 @@ def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
                 "incomplete: point at another iteration")
         common = read_object(checkpoint_dir, compat.COMMON_STATE_OBJECT)
     else:
-        try:
-            common = torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or garbled: whatever torch raised
-            if forbidden(e):
-                raise CheckpointError(f"{legacy}: {refusal(e)}") from None
-            raise CheckpointError(f"{legacy}: cannot be read ({type(e).__name__}: "
-                                  f"{_one_line(e)}); the checkpoint is corrupt") from None
+        common = torch_load(legacy)
     if not isinstance(common, dict):
         raise CheckpointError(f"{checkpoint_dir}: the common state is a {type(common).__name__}, "
                               "not a dict; the checkpoint is corrupt")
     return common
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or "no detail"
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -94,14 +82,17 @@ def is_checkpoint_root(path: Path) -> bool:
 
 
 def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--load") -> Path:
-    """The iteration directory of `path` (a root or an iteration dir), checked to be torch_dist."""
+    """The iteration directory of `path` (a root or an iteration dir), checked to be torch_dist
+    or legacy torch (`io.legacy_torch`)."""
+    from .legacy_torch import is_legacy_iteration
+
     p = Path(path)
     if not p.exists():
         raise GrowthError(f"{flag} {p}: no such directory")
     if not p.is_dir():
         raise GrowthError(f"{flag} {p}: not a directory; point it at a checkpoint root or an "
                           "iter_XXXXXXX directory")
-    if (p / "metadata.json").exists() and step is None:
+    if ((p / "metadata.json").exists() or is_legacy_iteration(p)) and step is None:
         ckpt = p
     elif step is not None:
         ckpt = iteration_dir(p, step)
@@ -119,11 +110,13 @@ def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--
             "iteration directory (no metadata.json); point it at a Megatron checkpoint"
         )
     meta = ckpt / "metadata.json"
+    if not meta.exists() and is_legacy_iteration(ckpt):
+        return ckpt
     if not meta.exists():
         raise GrowthError(
-            f"{flag} {ckpt}: no metadata.json, so not a distributed (torch_dist) checkpoint; "
-            "legacy torch checkpoints must be converted with Megatron's "
-            "--ckpt-convert-format torch_dist first"
+            f"{flag} {ckpt}: no metadata.json, so not a distributed (torch_dist) checkpoint, and "
+            "no mp_rank_*/model_optim_rng.pt (a legacy torch one); point it at a Megatron "
+            "checkpoint"
         )
     try:
         backend = json.loads(meta.read_text()).get("sharded_backend")
@@ -154,6 +147,10 @@ class CheckpointInfo:
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
         ckpt = resolve(path, step, flag)
+        if cls is CheckpointInfo and not (ckpt / "metadata.json").exists():
+            from .legacy_torch import LegacyTorchCheckpoint
+
+            return LegacyTorchCheckpoint.read_iteration(ckpt)
         metadata = SafeFileSystemReader(ckpt).read_metadata()
         shapes, dtypes, objects = {}, {}, []
         for k, md in metadata.state_dict_metadata.items():
@@ -165,6 +162,23 @@ class CheckpointInfo:
         common = read_common_state(ckpt)
         return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=objects, common=common,
                    run_config=run_config.read(ckpt))
+
+    format = "torch_dist"  # what the checkpoint is on disk (`io.legacy_torch`: "torch")
+
+    def read_boxes(self, requests: dict) -> dict:
+        """`requests` (name → megatron-core ShardedTensor or ShardedObject) read from this
+        checkpoint, as `io.reader.read_boxes`."""
+        from .reader import read_boxes
+
+        return read_boxes(self.path, requests)
+
+    def metadata_json(self) -> bytes:
+        """The `metadata.json` of a torch_dist checkpoint of this content."""
+        return (self.path / "metadata.json").read_bytes()
+
+    def reading_notes(self) -> list[str]:
+        """What of this checkpoint a grown copy does not carry, beyond its optimizer state."""
+        return []
 
     @property
     def args(self):
