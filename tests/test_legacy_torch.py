@@ -35,7 +35,7 @@ def test_the_source_is_laid_out_as_megatron_lm_writes_it(legacy):
 
 @pytest.mark.parametrize("name", sorted(LEGACY_SOURCES))
 def test_reader_gives_the_torch_dist_checkpoint_of_the_same_model(legacy, name):
-    """Keys, global shapes and every element: TP shards joined (GLU gate/up parts apart), PP
+    """Keys, global shapes, every element and the extra-state objects: TP shards joined (GLU gate/up parts apart), PP
     stages (uneven) and EP ranks renumbered, as megatron-core's sharded_state_dict defines them."""
     from megatron_recycle.io.checkpoint import CheckpointInfo
     from megatron_recycle.io.reader import box_request
@@ -53,6 +53,8 @@ def test_reader_gives_the_torch_dist_checkpoint_of_the_same_model(legacy, name):
     box = Box(unit, info.shapes[unit], (2, 3), (5, 0), (11, info.shapes[unit][-1]))
     assert torch.equal(info.read_boxes({0: box_request(box, torch.float32)})[0], want[unit][2, 3, 5:16])
     assert info.optimizer_format == "legacy torch, per rank" and "args" in info.common
+    objects = CheckpointInfo.read(legacy / f"{name}-dist").objects  # the modules' extra states
+    assert sorted(info.objects) == sorted(objects) and len(objects) > 10
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,10 @@ def test_growth_of_a_legacy_source_equals_growth_of_its_torch_dist_form(grown_pp
     got = ckpt_tools.read_checkpoint(legacy / "grown-pp" / ITER)
     want = ckpt_tools.read_checkpoint(legacy / "grown-pp-dist" / ITER)
     assert got.keys() == want.keys() and len(got) > 10
+    from megatron_recycle.io.checkpoint import CheckpointInfo
+
+    objects = [sorted(CheckpointInfo.read(legacy / g).objects) for g in ("grown-pp", "grown-pp-dist")]
+    assert objects[0] == objects[1] and objects[0]
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
     assert ckpt_tools.tree_digest(legacy / "tp2-pp2-torch") == before  # never modified
     assert "--no-load-rng" in log and "optimizer state (legacy torch, per rank)" in log

@@ -21,8 +21,9 @@ request, one layer/expert unit at a time:
 - expert parallel: local experts (`local_experts.i`, or TE's grouped `linear_fc1.weight{i}`)
   shifted by the experts of the expert ranks before; expert tensor parallelism must equal TP.
 Not read: the optimizer state (tied to the saving layout; a grown copy starts a fresh one) and
-the RNG state; GroupedMLP's fused `weight1`/`weight2`, MTP layers and TE `_extra_state` are
-refused or noted below.
+the RNG state. Modules' `_extra_state` entries become the ShardedObjects megatron-core makes of
+them (TP rank 0's, per layer/expert). GroupedMLP's fused `weight1`/`weight2`, MTP layers and
+an expert TP size other than TP are refused (convert those with Megatron-LM first).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Unit:
 class LegacyTorchCheckpoint(CheckpointInfo):
     units: dict = dataclasses.field(default_factory=dict, repr=False)  # key → index → Unit
     has_optimizer: bool = False
-    skipped: tuple[str, ...] = ()
+    object_parts: dict = dataclasses.field(default_factory=dict, repr=False)  # (key, offset) → part
     format = "torch"
 
     @classmethod
@@ -93,12 +94,12 @@ class LegacyTorchCheckpoint(CheckpointInfo):
         files = _Files(ckpt)
         first = files[ranks[0].file]
         common = {k: v for k, v in first.items() if not _MODEL_CHUNK.match(k) and k not in _NOT_MODEL}
-        units, skipped = _index(ranks, files, common.get("args"))
+        units, extra_states = _index(ranks, files, common.get("args"))
         shapes, dtypes = {}, {}
         for key, by_index in units.items():
             unit_shapes = {i: _unit_shape(files, u) for i, u in by_index.items()}
             shape = next(iter(unit_shapes.values()))
-            counts = tuple(max(i[a] for i in by_index) + 1 for a in range(len(next(iter(by_index)))))
+            counts = _counts(by_index)
             missing = set(itertools.product(*map(range, counts))) - by_index.keys()
             if missing or any(s != shape for s in unit_shapes.values()):
                 raise CheckpointError(f"{ckpt}: {key}: the rank files hold " + (
@@ -106,10 +107,16 @@ class LegacyTorchCheckpoint(CheckpointInfo):
                     "shards of different shapes per layer/expert") + "; the checkpoint is incomplete")
             shapes[key] = counts + shape
             parts = next(iter(by_index.values())).parts
-            dtypes[key] = files.tensor(parts[0]).dtype
-        return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=[], common=common, units=units,
-                   has_optimizer="optimizer" in first,
-                   skipped=tuple(skipped))
+            dtypes[key] = files.value(parts[0]).dtype
+        object_parts, objects = {}, []
+        for key, by_index in extra_states.items():  # as megatron-core's make_sharded_object_for_checkpoint
+            shape = _counts(by_index) or (1,)
+            for index, part in by_index.items():
+                offset = index or (0,)
+                object_parts[key, offset] = part
+                objects.append(f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}")
+        return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=objects, common=common, units=units,
+                   has_optimizer="optimizer" in first, object_parts=object_parts)
 
     @property
     def optimizer_format(self) -> Optional[str]:
@@ -123,9 +130,6 @@ class LegacyTorchCheckpoint(CheckpointInfo):
     def reading_notes(self) -> list[str]:
         notes = ["a legacy torch source: the grown checkpoint is torch_dist, without the source's "
                  "RNG state: load it with --ckpt-format torch_dist --no-load-rng"]
-        if self.skipped:
-            notes.append(f"not carried: {len(self.skipped)} Transformer Engine _extra_state "
-                         f"entr{'y' if len(self.skipped) == 1 else 'ies'} (e.g. {self.skipped[0]})")
         return notes
 
     def read_boxes(self, requests: dict) -> dict:
@@ -134,9 +138,14 @@ class LegacyTorchCheckpoint(CheckpointInfo):
 
         files, out, assembled = _Files(self.path), {}, {}
         for name, sh in requests.items():
-            if isinstance(sh, ShardedObject) or sh.key not in self.units:
-                raise GrowthError(f"{'object' if isinstance(sh, ShardedObject) else 'tensor'} "
-                                  f"{sh.key!r} is not in the checkpoint")
+            if isinstance(sh, ShardedObject):
+                part = self.object_parts.get((sh.key, tuple(sh.global_offset)))
+                if part is None:
+                    raise GrowthError(f"object {sh.unique_key!r} is not in the checkpoint")
+                out[name] = files.value(part)
+                continue
+            if sh.key not in self.units:
+                raise GrowthError(f"tensor {sh.key!r} is not in the checkpoint")
             if tuple(sh.global_shape) != self.shapes[sh.key]:
                 raise GrowthError(f"tensor {sh.key!r}: the checkpoint holds global shape "
                                   f"{self.shapes[sh.key]}, {tuple(sh.global_shape)} was asked for")
@@ -179,7 +188,7 @@ class _Files:
             _Files._cache[key] = state
         return _Files._cache[key]
 
-    def tensor(self, part: tuple[str, str, str]) -> torch.Tensor:
+    def value(self, part: tuple[str, str, str]):
         file, chunk, key = part
         return self[file][chunk][key]
 
@@ -224,7 +233,8 @@ def _chunks(state: dict) -> list[tuple[int, str]]:
 
 
 def _index(ranks: list[Rank], files: _Files, args) -> tuple[dict, list[str]]:
-    """key → index → Unit, in the torch_dist checkpoint's names; and the keys not carried."""
+    """key → index → Unit, in the torch_dist checkpoint's names; and key → index → part of
+    the modules' extra states."""
     tp_size = max(r.tp for r in ranks) + 1
     etp = getattr(args, "expert_tensor_parallel_size", None)
     if etp not in (None, tp_size):
@@ -238,17 +248,15 @@ def _index(ranks: list[Rank], files: _Files, args) -> tuple[dict, list[str]]:
     stacked = not _non_homogeneous(args)
     renames = _LOCAL_SPEC_KEYS if _local_spec(files[by_place[0, 0, 0]], chunks) else {}
     units: dict = {}
-    skipped: list[str] = []
+    extra_states: dict = {}
     for (tp, pp, ep), file in sorted(by_place.items()):
         if tp:
             continue  # the TP shards of a unit join under the tp=0 entry
         local_experts = _local_expert_count(files[file], chunks)
         for v, chunk in chunks:
             for local_key, value in files[file][chunk].items():
-                if local_key.endswith("_extra_state"):
-                    skipped.append(local_key)
-                    continue
-                if not isinstance(value, torch.Tensor):
+                extra_state = local_key.endswith("._extra_state")
+                if not (extra_state or isinstance(value, torch.Tensor)):
                     continue
                 key, index, expert = _global_name(local_key, layer_offset[pp, v], ep * local_experts, stacked,
                                                  renames)
@@ -260,12 +268,22 @@ def _index(ranks: list[Rank], files: _Files, args) -> tuple[dict, list[str]]:
                                       "--ckpt-convert-format torch_dist first")
                 if key == "output_layer.weight" and _tied(args):
                     continue  # the last stage's copy of the embedding
+                if key == "output_layer._extra_state":
+                    continue  # GPTModel.sharded_state_dict drops it (it never holds data)
+                if extra_state:  # TP rank 0's, as megatron-core saves it
+                    extra_states.setdefault(key, {}).setdefault(index, (file, chunk, local_key))
+                    continue
                 parts = tuple((by_place[t, pp, ep], chunk, local_key) for t in range(tp_size))
                 units.setdefault(key, {})
                 if index in units[key]:
                     continue  # a key held by several stages (none after the checks above)
                 units[key][index] = _unit(files, key, parts)
-    return units, skipped
+    return units, extra_states
+
+
+def _counts(by_index: dict) -> tuple[int, ...]:
+    """The extent of each prepended (layer, expert) axis."""
+    return tuple(max(i[a] for i in by_index) + 1 for a in range(len(next(iter(by_index)))))
 
 
 def _layer_offsets(files: _Files, by_place: dict, pp_size: int, chunks) -> dict:
@@ -345,7 +363,7 @@ def _global_name(local_key: str, layer_offset: int, expert_offset: int, stacked:
 
 
 def _unit(files: _Files, key: str, parts) -> Unit:
-    shards = [files.tensor(p) for p in parts]
+    shards = [files.value(p) for p in parts]
     if len(shards) == 1:
         return Unit(parts, None, False)
     if _COLUMN.search(key) or key in _VOCAB:
@@ -369,7 +387,7 @@ def _unit(files: _Files, key: str, parts) -> Unit:
 
 
 def _unit_shape(files: _Files, unit: Unit) -> tuple[int, ...]:
-    shapes = [tuple(files.tensor(p).shape) for p in unit.parts]
+    shapes = [tuple(files.value(p).shape) for p in unit.parts]
     if unit.split is None:
         return shapes[0]
     shape = list(shapes[0])
@@ -378,7 +396,7 @@ def _unit_shape(files: _Files, unit: Unit) -> tuple[int, ...]:
 
 
 def _assemble(files: _Files, unit: Unit) -> torch.Tensor:
-    shards = [files.tensor(p) for p in unit.parts]
+    shards = [files.value(p) for p in unit.parts]
     if unit.split is None:
         return shards[0]
     if unit.gated:  # megatron-core's global GLU weight: every rank's gate part, then every up part
