@@ -38,9 +38,17 @@ def saves_common_state_object() -> bool:
     return megatron_core_version().release >= (0, 19)
 
 
-def check_loadable(checkpoint_dir: Path, flag: str = "--load") -> None:
-    """Refuse, before anything is built, a checkpoint this megatron-core's `dist_checkpointing.load`
-    cannot open: up to 0.18 it needs common.pt, which 0.19+ no longer writes."""
+def check_loadable(info, flag: str = "--load") -> None:
+    """Refuse, before anything is built, a checkpoint (`io.checkpoint.CheckpointInfo`) that growth
+    at load time cannot read: a legacy torch one (megatron-core's `dist_checkpointing.load` reads
+    torch_dist only), or one this megatron-core cannot open (up to 0.18 it needs common.pt, which
+    0.19+ no longer writes)."""
+    checkpoint_dir = info.path
+    if info.format != "torch_dist":
+        raise GrowthError(
+            f"{flag} {checkpoint_dir}: a legacy {info.format} checkpoint (mp_rank_*/ files), which "
+            "growth at load time cannot read: grow it offline with `megatron-recycle grow`, which "
+            "writes a torch_dist checkpoint, and load that")
     if not saves_common_state_object() and not (Path(checkpoint_dir) / COMMON_STATE_FILE).exists():
         raise GrowthError(
             f"{flag} {checkpoint_dir}: saved by megatron-core 0.19 or later (its common state is "

@@ -85,11 +85,20 @@ def test_growth_of_a_legacy_source_equals_growth_of_its_torch_dist_form(grown_pp
     assert "verify: OK" in cli("verify", "--source", legacy / "tp2-pp2-torch", "--grown", legacy / "grown-pp").stdout
 
 
-def test_inspect_and_plan_read_a_legacy_source(legacy):
+def test_inspect_plan_and_norms_read_a_legacy_source(legacy, tmp_path):
+    from megatron_recycle import compat
+    from megatron_recycle.errors import GrowthError
+    from megatron_recycle.io.checkpoint import CheckpointInfo
+
     summary = json.loads(cli("inspect", legacy / "tp2-pp2-torch", "--json").stdout)
     assert summary["path"].endswith(ITER)
-    assert "16" in cli("plan", "--load", legacy / "tp2-ep2-torch", "--grow-depth", "2", "--grow-experts", "2",
-                       "--ep", "2").stdout
+    plan = json.loads(cli("plan", "--load", legacy / "tp2-ep2-torch", "--grow-depth", "2", "--grow-experts", "2",
+                          "--ep", "2", "--json").stdout)
+    assert plan["source"].endswith(ITER)
+    norms = json.loads(cli("norms", legacy / "tp2-ep2-torch", "--out", tmp_path, "--json").stdout)
+    assert len(norms["experts"]) == 4 * 4 and (tmp_path / "expert_norms.csv").is_file()
+    with pytest.raises(GrowthError, match="grow it offline"):  # not at load time
+        compat.check_loadable(CheckpointInfo.read(legacy / "tp2-ep2-torch"))
 
 
 def test_grown_legacy_source_keeps_the_function_in_another_layout(ranks, legacy):

@@ -232,7 +232,7 @@ def _chunks(state: dict) -> list[tuple[int, str]]:
     return sorted((int(m[1] or 0), k) for k in state if (m := _MODEL_CHUNK.match(k)))
 
 
-def _index(ranks: list[Rank], files: _Files, args) -> tuple[dict, list[str]]:
+def _index(ranks: list[Rank], files: _Files, args) -> tuple[dict, dict]:
     """key → index → Unit, in the torch_dist checkpoint's names; and key → index → part of
     the modules' extra states."""
     tp_size = max(r.tp for r in ranks) + 1
@@ -242,7 +242,7 @@ def _index(ranks: list[Rank], files: _Files, args) -> tuple[dict, list[str]]:
                           f"parallel size {tp_size}; convert it with Megatron-LM's "
                           "--ckpt-convert-format torch_dist first")
     by_place = {(r.tp, r.pp, r.ep): r.file for r in ranks}
-    pp_size, ep_size = max(r.pp for r in ranks) + 1, max(r.ep for r in ranks) + 1
+    pp_size = max(r.pp for r in ranks) + 1
     chunks = _chunks(files[by_place[0, 0, 0]])
     layer_offset = _layer_offsets(files, by_place, pp_size, chunks)
     stacked = not _non_homogeneous(args)
@@ -274,10 +274,12 @@ def _index(ranks: list[Rank], files: _Files, args) -> tuple[dict, list[str]]:
                     extra_states.setdefault(key, {}).setdefault(index, (file, chunk, local_key))
                     continue
                 parts = tuple((by_place[t, pp, ep], chunk, local_key) for t in range(tp_size))
-                units.setdefault(key, {})
-                if index in units[key]:
-                    continue  # a key held by several stages (none after the checks above)
-                units[key][index] = _unit(files, key, parts)
+                held = units.setdefault(key, {}).get(index)
+                if held is None:
+                    units[key][index] = _unit(files, key, parts)
+                elif not torch.equal(files.value(held.parts[0]), files.value(parts[0])):
+                    raise CheckpointError(f"{files.ckpt}: {local_key} differs between {held.parts[0][0]} "
+                                          f"and {file}; the checkpoint is inconsistent")
     return units, extra_states
 
 
