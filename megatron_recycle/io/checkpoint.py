@@ -36,8 +36,8 @@ def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
     unsafe unpickling is refused, never loaded. (megatron-core 0.19's own
     `load_common_state_dict` reads the object form through torch DCP's default planner, which
     unpickles with `weights_only=False`.)"""
-    legacy = checkpoint_dir / compat.COMMON_STATE_FILE
-    if not legacy.exists():
+    common_file = checkpoint_dir / compat.COMMON_STATE_FILE
+    if not common_file.exists():
         stored = SafeFileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
         if compat.common_state_storage_key() not in stored:
             raise CheckpointError(
@@ -46,7 +46,7 @@ def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
                 "incomplete: point at another iteration")
         common = read_object(checkpoint_dir, compat.COMMON_STATE_OBJECT)
     else:
-        common = torch_load(legacy)
+        common = torch_load(common_file)
     if not isinstance(common, dict):
         raise CheckpointError(f"{checkpoint_dir}: the common state is a {type(common).__name__}, "
                               "not a dict; the checkpoint is corrupt")
