@@ -78,9 +78,11 @@ UPCYCLE_CASES = {  # name → (depth, upcycling)
 UPCYCLE_LAYOUTS = {"ep2": toy.Layout(ep=2), "dp2": toy.Layout()}
 UPCYCLE_EXACT, UPCYCLE_NOISY = WidthGrowth(noise_alpha=0.0), WidthGrowth(noise_alpha=0.01, seed=7)
 
-# legacy_torch: Megatron-LM's --ckpt-format torch files of SPEC-like models at TP x PP (uneven
-# stages) and TP x EP, with a torch_dist checkpoint of the same model beside each.
+# legacy_torch: Megatron-LM's --ckpt-format torch files at TP x PP (uneven stages), TP x EP and
+# (a mixed dense/MoE stack: layers keyed by number) PP x VPP x EP, with a torch_dist checkpoint
+# of the same model beside each.
 LEGACY_SPEC = toy.ToySpec()
-LEGACY_SOURCES = {"tp2-pp2": toy.Layout(tp=2, pp=2, first_stage_layers=1, last_stage_layers=3),
-                  "tp2-ep2": toy.Layout(tp=2, ep=2)}
+LEGACY_SOURCES = {"tp2-pp2": (LEGACY_SPEC, toy.Layout(tp=2, pp=2, first_stage_layers=1, last_stage_layers=3)),
+                  "tp2-ep2": (LEGACY_SPEC, toy.Layout(tp=2, ep=2)),
+                  "pp2-vpp2-ep2-mixed": (toy.ToySpec(moe_layer_freq=(1, 0, 1, 0)), toy.Layout(pp=2, vpp=2, ep=2))}
 LEGACY_EXACT_PLAN = GrowthPlan(LEGACY_SPEC.architecture(), IDENTITY_DEPTH, EXACT)

@@ -27,16 +27,25 @@ def legacy(ranks, tmp_path_factory):
 
 def test_the_source_is_laid_out_as_megatron_lm_writes_it(legacy):
     names = {name: sorted(p.name for p in (legacy / f"{name}-torch" / ITER).iterdir()) for name in LEGACY_SOURCES}
-    assert names == {"tp2-pp2": ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"],
-                     "tp2-ep2": ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]}
+    tp_and_pp_or_ep = ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert names == {"tp2-pp2": tp_and_pp_or_ep, "tp2-ep2": tp_and_pp_or_ep,
+                     "pp2-vpp2-ep2-mixed": ["mp_rank_00_000_000", "mp_rank_00_000_001",
+                                            "mp_rank_00_001_000", "mp_rank_00_001_001"]}
     local = torch_load(legacy / "tp2-ep2-torch" / ITER / "mp_rank_01_001" / "model_optim_rng.pt")["model"]
     assert "decoder.layers.3.mlp.experts.local_experts.1.linear_fc1.weight" in local
+    mixed = legacy / "pp2-vpp2-ep2-mixed-torch" / ITER
+    first, second = (torch_load(mixed / f"mp_rank_00_00{pp}_001" / "model_optim_rng.pt") for pp in (0, 1))
+    # virtual stage major: layers 0 and 2 (MoE) on the first stage, 1 and 3 (dense) on the second
+    assert all("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight" in first[m] for m in ("model0", "model1"))
+    assert all("decoder.layers.0.mlp.linear_fc1.weight" in second[m] for m in ("model0", "model1"))
 
 
 @pytest.mark.parametrize("name", sorted(LEGACY_SOURCES))
 def test_reader_gives_the_torch_dist_checkpoint_of_the_same_model(legacy, name):
-    """Keys, global shapes, every element and the extra-state objects: TP shards joined (GLU gate/up parts apart), PP
-    stages (uneven) and EP ranks renumbered, as megatron-core's sharded_state_dict defines them."""
+    """Keys, global shapes, every element and the extra-state objects: TP shards joined (GLU
+    gate/up parts apart), PP stages (uneven, virtual) and EP ranks renumbered, layers stacked or
+    keyed by number, as megatron-core's sharded_state_dict defines them."""
+    from megatron_recycle import indexing
     from megatron_recycle.io.checkpoint import CheckpointInfo
     from megatron_recycle.io.reader import box_request
     from megatron_recycle.mapping import Box
@@ -49,9 +58,11 @@ def test_reader_gives_the_torch_dist_checkpoint_of_the_same_model(legacy, name):
                            for k, s in info.shapes.items()})
     different = [k for k, t in want.items() if not torch.equal(got[k], t)]
     assert not different, different
-    unit = "decoder.layers.mlp.experts.experts.linear_fc1.weight"  # one expert of one layer, a slice
-    box = Box(unit, info.shapes[unit], (2, 3), (5, 0), (11, info.shapes[unit][-1]))
-    assert torch.equal(info.read_boxes({0: box_request(box, torch.float32)})[0], want[unit][2, 3, 5:16])
+    unit = next(k for k in info.shapes if k.endswith("experts.experts.linear_fc1.weight"))
+    shape = info.shapes[unit]  # a slice of the last expert of a layer
+    index = tuple(n - 1 for n in shape[:indexing.stored_prepend_axes(unit)])
+    box = Box(unit, shape, index, (5, 0), (11, shape[-1]))
+    assert torch.equal(info.read_boxes({0: box_request(box, torch.float32)})[0], want[unit][index][5:16])
     assert info.optimizer_format == "legacy torch, per rank" and "args" in info.common
     objects = CheckpointInfo.read(legacy / f"{name}-dist").objects  # the modules' extra states
     assert sorted(info.objects) == sorted(objects) and len(objects) > 10

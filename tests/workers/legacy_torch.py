@@ -29,15 +29,15 @@ from scenarios import LEGACY_EXACT_PLAN, LEGACY_SOURCES, LEGACY_SPEC
 ITERATION = 5
 
 
-def distinct_weights(chunk) -> None:
-    """Every weight drawn afresh from its place, so that layers of different stages and experts
+def distinct_weights(chunk, virtual_stage: int) -> None:
+    """Every weight drawn afresh from its place (virtual stage included), so that layers of different stages and experts
     of different expert ranks differ (the toy's seeded init repeats them); replicas stay equal."""
     tp, pp, ep = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                   ps.get_expert_model_parallel_rank())
     for name, p in chunk.named_parameters():
         split = getattr(p, "tensor_model_parallel", False)
         expert = not getattr(p, "allreduce", True)
-        place = f"{name}/{pp}/{tp if split else '-'}/{ep if expert else '-'}"
+        place = f"{name}/{pp}/{virtual_stage}/{tp if split else '-'}/{ep if expert else '-'}"
         gen = torch.Generator().manual_seed(zlib.crc32(place.encode()))
         with torch.no_grad():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if name.endswith("norm.weight") else 0.0))
@@ -56,20 +56,23 @@ def rank_file(root, layout) -> str:
 def save(out):
     import torch.distributed as dist
 
-    for name, layout in LEGACY_SOURCES.items():
+    for name, (spec, layout) in LEGACY_SOURCES.items():
         toy.init_parallel(layout)
-        (chunk,) = toy.build(LEGACY_SPEC, layout, seed=3)
-        distinct_weights(chunk)
-        args = toy.megatron_args(LEGACY_SPEC, layout, swiglu=LEGACY_SPEC.glu, ckpt_format="torch",
+        chunks = toy.build(spec, layout, seed=3)
+        for virtual_stage, chunk in enumerate(chunks):
+            distinct_weights(chunk, virtual_stage)
+        args = toy.megatron_args(spec, layout, swiglu=spec.glu, ckpt_format="torch",
                                  untie_embeddings_and_output_weights=True,
+                                 virtual_pipeline_model_parallel_size=layout.vpp,
                                  decoder_first_pipeline_num_layers=layout.first_stage_layers,
                                  decoder_last_pipeline_num_layers=layout.last_stage_layers)
+        models = {"model": chunks[0].state_dict_for_save_checkpoint()} if len(chunks) == 1 else {
+            f"model{i}": c.state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
         if ps.get_expert_data_parallel_rank() == 0:
             path = rank_file(f"{out}/{name}-torch", layout)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save({
-                "args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
-                "model": chunk.state_dict_for_save_checkpoint(),
+                "args": args, "checkpoint_version": 3.0, "iteration": ITERATION, **models,
                 "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]},
                 "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": ITERATION},
                 "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
@@ -81,7 +84,7 @@ def save(out):
             with open(f"{out}/{name}-torch/latest_checkpointed_iteration.txt", "w") as f:
                 f.write(str(ITERATION))
         toy.save_checkpoint(f"{out}/{name}-dist", ITERATION, {
-            "model": toy.sharded_state_dict([chunk]), "args": args, "iteration": ITERATION})
+            "model": toy.sharded_state_dict(chunks), "args": args, "iteration": ITERATION})
 
 
 def compare_logits(source, grown, out):
