@@ -128,9 +128,8 @@ class LegacyTorchCheckpoint(CheckpointInfo):
         return json.dumps(dataclasses.asdict(CheckpointingConfig("torch_dist"))).encode()
 
     def reading_notes(self) -> list[str]:
-        notes = ["a legacy torch source: the grown checkpoint is torch_dist, without the source's "
-                 "RNG state: load it with --ckpt-format torch_dist --no-load-rng"]
-        return notes
+        return ["a legacy torch source: the grown checkpoint is torch_dist, without the source's "
+                "RNG state: load it with --ckpt-format torch_dist --no-load-rng"]
 
     def read_boxes(self, requests: dict) -> dict:
         """As `io.reader.read_boxes`; a box may span several layer/expert units."""
@@ -188,9 +187,20 @@ class _Files:
             _Files._cache[key] = state
         return _Files._cache[key]
 
+    def chunk(self, file: str, chunk: str) -> dict:
+        state = self[file].get(chunk)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.ckpt / file}: no module state {chunk!r}, which the other "
+                                  "rank files hold; the checkpoint is incomplete or mixed")
+        return state
+
     def value(self, part: tuple[str, str, str]):
         file, chunk, key = part
-        return self[file][chunk][key]
+        try:
+            return self[file][chunk][key]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{self.ckpt / file}: no {chunk}[{key!r}], which the other rank "
+                                  "files hold; the checkpoint is incomplete or mixed") from None
 
 
 def _ranks(ckpt: Path) -> list[Rank]:
@@ -252,9 +262,9 @@ def _index(ranks: list[Rank], files: _Files, args) -> tuple[dict, dict]:
     for (tp, pp, ep), file in sorted(by_place.items()):
         if tp:
             continue  # the TP shards of a unit join under the tp=0 entry
-        local_experts = _local_expert_count(files[file], chunks)
+        local_experts = _local_expert_count(files, file, chunks)
         for v, chunk in chunks:
-            for local_key, value in files[file][chunk].items():
+            for local_key, value in files.chunk(file, chunk).items():
                 extra_state = local_key.endswith("._extra_state")
                 if not (extra_state or isinstance(value, torch.Tensor)):
                     continue
@@ -294,7 +304,7 @@ def _layer_offsets(files: _Files, by_place: dict, pp_size: int, chunks) -> dict:
     counts = {}
     for v, chunk in chunks:
         for pp in range(pp_size):
-            local = [int(m[1]) for k in files[by_place[0, pp, 0]][chunk] if (m := _LAYER.match(k))]
+            local = [int(m[1]) for k in files.chunk(by_place[0, pp, 0], chunk) if (m := _LAYER.match(k))]
             counts[pp, v] = max(local) + 1 if local else 0
     offsets, total = {}, 0
     for v, _ in chunks:
@@ -318,11 +328,11 @@ def _tied(args) -> bool:
     return getattr(args, "untie_embeddings_and_output_weights", True) is False
 
 
-def _local_expert_count(state: dict, chunks) -> int:
+def _local_expert_count(files: _Files, file: str, chunks) -> int:
     """Experts per expert rank: one more than the highest local expert number in a rank file."""
     numbers = [0]
     for _, chunk in chunks:
-        for key in state[chunk]:
+        for key in files.chunk(file, chunk):
             layer = _LAYER.match(key)
             rest = layer[2] if layer else ""
             if (m := _LOCAL_EXPERT.match(rest)) is not None:
@@ -372,7 +382,7 @@ def _unit(files: _Files, key: str, parts) -> Unit:
         gated = False
         if ".linear_fc1." in key:
             file, chunk, local = parts[0]
-            fc2 = files[file][chunk].get(re.sub(r"linear_fc1\.(weight|bias)", "linear_fc2.weight", local))
+            fc2 = files.chunk(file, chunk).get(re.sub(r"linear_fc1\.(weight|bias)", "linear_fc2.weight", local))
             if fc2 is None:
                 raise CheckpointError(f"{files.ckpt / file}: {local} has no linear_fc2 beside it to "
                                       "tell a gated (GLU) layer from a plain one")
