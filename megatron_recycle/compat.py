@@ -38,15 +38,20 @@ def saves_common_state_object() -> bool:
     return megatron_core_version().release >= (0, 19)
 
 
-def check_loadable(checkpoint_dir: Path, flag: str = "--load") -> None:
-    """Refuse, before anything is built, a checkpoint this megatron-core's `dist_checkpointing.load`
-    cannot open: up to 0.18 it needs common.pt, which 0.19+ no longer writes; no release opens
-    one without metadata.json (Megatron-FSDP's fsdp_dtensor, which the offline tools read)."""
-    if not (Path(checkpoint_dir) / "metadata.json").exists():
+def check_loadable(info, flag: str = "--load") -> None:
+    """Refuse, before anything is built, a checkpoint (`io.checkpoint.CheckpointInfo`) that growth
+    at load time cannot read: one not in torch_dist form (a legacy torch or a Megatron-FSDP
+    fsdp_dtensor one, which the offline tools read: megatron-core's torch_dist load never opens
+    them), or one this megatron-core cannot open (up to 0.18 it needs common.pt, which 0.19+ no
+    longer writes)."""
+    checkpoint_dir = info.path
+    if info.format != "torch_dist":
+        what = {"torch": "a legacy torch checkpoint (mp_rank_*/ files)",
+                "fsdp_dtensor": "a Megatron-FSDP (fsdp_dtensor) checkpoint"}[info.format]
         raise GrowthError(
-            f"{flag} {checkpoint_dir}: a Megatron-FSDP (fsdp_dtensor) checkpoint, which growth at "
-            "load time cannot read (megatron-core's torch_dist load never opens it); grow it "
-            "offline with `megatron-recycle grow --load <it> --save <new>` and load the result")
+            f"{flag} {checkpoint_dir}: {what}, which growth at load time cannot read: grow it "
+            "offline with `megatron-recycle grow --load <it> --save <new>`, which writes a "
+            "torch_dist checkpoint, and load that")
     if not saves_common_state_object() and not (Path(checkpoint_dir) / COMMON_STATE_FILE).exists():
         raise GrowthError(
             f"{flag} {checkpoint_dir}: saved by megatron-core 0.19 or later (its common state is "

@@ -205,11 +205,11 @@ def _batches(units: list[_Unit], dtypes, batch_bytes: int) -> Iterator[list[_Uni
 
 
 def checkpoint_norms(info, batch_bytes: int = 256 * 2**20) -> NormProfile:
-    """The profile of a torch_dist checkpoint (`io.checkpoint.CheckpointInfo`)."""
-    from .io.reader import box_request, read_boxes
+    """The profile of a checkpoint (`io.checkpoint.CheckpointInfo`)."""
+    from .io.reader import box_request
 
     def read(requests):
-        return read_boxes(info.path, {name: box_request(box, dtype) for name, (box, dtype) in requests.items()})
+        return info.read_boxes({name: box_request(box, dtype) for name, (box, dtype) in requests.items()})
 
     return expert_norms(info.model_shapes(), info.dtypes, read, batch_bytes)
 

@@ -75,14 +75,14 @@ class BatchGrower:
     def grow(self, batch: Batch) -> dict:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        from .io.reader import box_request, read_boxes
+        from .io.reader import box_request
         from .load_hook import grow_state_dict
 
         request = {f"t{i}": box_request(p.box, p.dtype) for i, p in enumerate(batch.pieces)}
         for i, o in enumerate(batch.objects):
             request[f"o{i}"] = ShardedObject(o.key, None, o.global_shape, o.offset, replica_id=0)
         return grow_state_dict(self.plan, self.source, request,
-                               lambda r: read_boxes(self.source.path, r), self.optimizer)
+                               self.source.read_boxes, self.optimizer)
 
     def write(self, batch: Batch, grown: dict) -> list:
         from .io.writer import write_batch
@@ -214,7 +214,7 @@ def grow(
     iteration_files = IterationFiles.of(info.path)
     job.on_rank0(iteration_files.check_source)  # reads the source once, where it has a manifest
 
-    notes = list(plan.exactness_notes())
+    notes = list(plan.exactness_notes()) + info.reading_notes()
     if info.optimizer_format and optimizer == "reset":
         notes.append("optimizer state dropped (--grow-optimizer reset): load the grown "
                      "checkpoint with --no-load-optim")
@@ -250,7 +250,7 @@ def grow(
 
         results = [per_rank[number % job.world][number] for number in range(len(work))]
         finish(out_dir, pieces, objects, results, grown_common(info, plan, keep_optimizer, optimizer),
-               info.torch_dist_config(), common_number=len(work))
+               info.metadata_json(), common_number=len(work))
         if framework_files is not None:
             for path in framework_files.write(staging, out_dir, plan, info.dense_hidden()):
                 fsync(path)

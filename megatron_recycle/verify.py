@@ -282,15 +282,15 @@ def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, re
 
 def _check_batch(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, pieces, moment_policy,
                  report: Report) -> None:
-    from .io.reader import box_request, read_boxes
+    from .io.reader import box_request
 
     if not pieces:
         return
     expectations = [expectation(plan, p, src.shapes, moment_policy) for p in pieces]
-    grown = read_boxes(dst.path, {i: box_request(p.box, p.dtype) for i, p in enumerate(pieces)})
+    grown = dst.read_boxes({i: box_request(p.box, p.dtype) for i, p in enumerate(pieces)})
     boxes = {e.source for e in expectations if e.source is not None}
     boxes |= {_sigma_unit(src, e) for e in expectations if e.noisy}
-    source = read_boxes(src.path, {b: box_request(b, src.dtypes[b.key]) for b in boxes})
+    source = src.read_boxes({b: box_request(b, src.dtypes[b.key]) for b in boxes})
     for i, (piece, exp) in enumerate(zip(pieces, expectations)):
         report.pieces += 1
         problem = _check_piece(grown[i], source, exp, plan, src, report)

@@ -83,3 +83,12 @@ UPCYCLE_EXACT, UPCYCLE_NOISY = WidthGrowth(noise_alpha=0.0), WidthGrowth(noise_a
 FSDP_SPEC = toy.ToySpec(num_layers=2, experts=4, topk=2, shared_expert=16, expert_bias=True,
                         score_function="sigmoid")
 FSDP_PLAN = GrowthPlan(FSDP_SPEC.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alpha=0.01, seed=7))
+
+# legacy_torch: Megatron-LM's --ckpt-format torch files at TP x PP (uneven stages), TP x EP and
+# (a mixed dense/MoE stack: layers keyed by number) PP x VPP x EP, with a torch_dist checkpoint
+# of the same model beside each.
+LEGACY_SPEC = toy.ToySpec()
+LEGACY_SOURCES = {"tp2-pp2": (LEGACY_SPEC, toy.Layout(tp=2, pp=2, first_stage_layers=1, last_stage_layers=3)),
+                  "tp2-ep2": (LEGACY_SPEC, toy.Layout(tp=2, ep=2)),
+                  "pp2-vpp2-ep2-mixed": (toy.ToySpec(moe_layer_freq=(1, 0, 1, 0)), toy.Layout(pp=2, vpp=2, ep=2))}
+LEGACY_EXACT_PLAN = GrowthPlan(LEGACY_SPEC.architecture(), IDENTITY_DEPTH, EXACT)

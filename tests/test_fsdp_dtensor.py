@@ -113,9 +113,10 @@ def test_growth_at_load_time_is_refused_naming_the_offline_grow(sources):
     """What the Megatron-LM and Megatron-Bridge adapters check before building anything."""
     from megatron_recycle import compat
     from megatron_recycle.errors import GrowthError
+    from megatron_recycle.io.checkpoint import CheckpointInfo
 
     with pytest.raises(GrowthError, match="--load .*fsdp_dtensor.*megatron-recycle grow --load"):
-        compat.check_loadable(sources / "fsdp" / "iter_0000005")
+        compat.check_loadable(CheckpointInfo.read(sources / "fsdp" / "iter_0000005"))
 
 
 def test_another_torch_dcp_format_is_refused(tmp_path):

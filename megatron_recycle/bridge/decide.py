@@ -93,7 +93,7 @@ def _grow_decision(cfg, request: Growth) -> Decision:
             f"that was not grown from {setting} {source} with these growth options; point "
             "checkpoint.save at an empty directory, or resume that checkpoint without growth")
     info = CheckpointInfo.read(source, step, flag=setting)
-    compat.check_loadable(info.path, flag=setting)
+    compat.check_loadable(info, flag=setting)
     plan = plan_growth(request, info.architecture())
     optimizer_loaded = not weights_only and request.optimizer != "reset" and ckpt.load_optim
     if optimizer_loaded:

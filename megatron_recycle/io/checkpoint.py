@@ -27,7 +27,7 @@ from ..policy import DP_RESHARDABLE_KEY
 from ..provenance import Provenance
 from . import fsdp_dtensor, run_config
 from .reader import SafeFileSystemReader, read_object
-from .safe_pickle import forbidden, refusal
+from .safe_pickle import torch_load
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
@@ -38,10 +38,8 @@ def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
     unsafe unpickling is refused, never loaded. (megatron-core 0.19's own
     `load_common_state_dict` reads the object form through torch DCP's default planner, which
     unpickles with `weights_only=False`.)"""
-    import megatron.core  # noqa: F401  registers megatron-core's safe globals with torch
-
-    legacy = checkpoint_dir / compat.COMMON_STATE_FILE
-    if not legacy.exists():
+    common_file = checkpoint_dir / compat.COMMON_STATE_FILE
+    if not common_file.exists():
         stored = SafeFileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
         if compat.common_state_storage_key() not in stored:
             raise CheckpointError(
@@ -50,21 +48,11 @@ def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
                 "incomplete: point at another iteration")
         common = read_object(checkpoint_dir, compat.COMMON_STATE_OBJECT)
     else:
-        try:
-            common = torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or garbled: whatever torch raised
-            if forbidden(e):
-                raise CheckpointError(f"{legacy}: {refusal(e)}") from None
-            raise CheckpointError(f"{legacy}: cannot be read ({type(e).__name__}: "
-                                  f"{_one_line(e)}); the checkpoint is corrupt") from None
+        common = torch_load(common_file)
     if not isinstance(common, dict):
         raise CheckpointError(f"{checkpoint_dir}: the common state is a {type(common).__name__}, "
                               "not a dict; the checkpoint is corrupt")
     return common
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or "no detail"
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -96,14 +84,18 @@ def is_checkpoint_root(path: Path) -> bool:
 
 
 def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--load") -> Path:
-    """The iteration directory of `path` (a root or an iteration dir), checked to be torch_dist."""
+    """The iteration directory of `path` (a root or an iteration dir), checked to be torch_dist
+    or legacy torch (`io.legacy_torch`)."""
+    from .legacy_torch import is_legacy_iteration
+
     p = Path(path)
     if not p.exists():
         raise GrowthError(f"{flag} {p}: no such directory")
     if not p.is_dir():
         raise GrowthError(f"{flag} {p}: not a directory; point it at a checkpoint root or an "
                           "iter_XXXXXXX directory")
-    if ((p / "metadata.json").exists() or fsdp_dtensor.is_candidate(p)) and step is None:
+    if ((p / "metadata.json").exists() or fsdp_dtensor.is_candidate(p) or is_legacy_iteration(p)) \
+            and step is None:
         ckpt = p
     elif step is not None:
         ckpt = iteration_dir(p, step)
@@ -121,13 +113,15 @@ def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--
             "iteration directory (no metadata.json); point it at a Megatron checkpoint"
         )
     meta = ckpt / "metadata.json"
+    if not meta.exists() and is_legacy_iteration(ckpt):
+        return ckpt
     if fsdp_dtensor.open_checkpoint(ckpt, flag) is not None:  # refuses other torch DCP formats
         return ckpt
     if not meta.exists():
         raise GrowthError(
-            f"{flag} {ckpt}: no metadata.json, so not a distributed (torch_dist) checkpoint; "
-            "legacy torch checkpoints must be converted with Megatron's "
-            "--ckpt-convert-format torch_dist first"
+            f"{flag} {ckpt}: no metadata.json, so not a distributed (torch_dist) checkpoint, and "
+            "no mp_rank_*/model_optim_rng.pt (a legacy torch one); point it at a Megatron "
+            "checkpoint"
         )
     try:
         backend = json.loads(meta.read_text()).get("sharded_backend")
@@ -164,6 +158,10 @@ class CheckpointInfo:
         if fsdp is not None:
             return cls(path=ckpt, shapes=fsdp.shapes, dtypes=fsdp.dtypes, objects=[], common=fsdp.common,
                        stored_optimizer=fsdp_dtensor.FORMAT if fsdp.has_optimizer else None)
+        if cls is CheckpointInfo and not (ckpt / "metadata.json").exists():
+            from .legacy_torch import LegacyTorchCheckpoint
+
+            return LegacyTorchCheckpoint.read_iteration(ckpt)
         metadata = SafeFileSystemReader(ckpt).read_metadata()
         shapes, dtypes, objects = {}, {}, []
         for k, md in metadata.state_dict_metadata.items():
@@ -176,8 +174,21 @@ class CheckpointInfo:
         return cls(path=ckpt, shapes=shapes, dtypes=dtypes, objects=objects, common=common,
                    run_config=run_config.read(ckpt))
 
-    def torch_dist_config(self) -> bytes:
-        """The `metadata.json` a torch_dist checkpoint of this one carries: its own, or
+    @property
+    def format(self) -> str:
+        """What the checkpoint is on disk: torch_dist, or Megatron-FSDP's fsdp_dtensor (read
+        through `io.fsdp_dtensor`); `io.legacy_torch`'s subclass says "torch"."""
+        return "torch_dist" if (self.path / "metadata.json").exists() else fsdp_dtensor.FORMAT
+
+    def read_boxes(self, requests: dict) -> dict:
+        """`requests` (name → megatron-core ShardedTensor or ShardedObject) read from this
+        checkpoint, as `io.reader.read_boxes`."""
+        from .reader import read_boxes
+
+        return read_boxes(self.path, requests)
+
+    def metadata_json(self) -> bytes:
+        """The `metadata.json` a torch_dist checkpoint of this content carries: its own, or
         megatron-core's for the torch_dist backend."""
         own = self.path / "metadata.json"
         if own.exists():
@@ -185,6 +196,10 @@ class CheckpointInfo:
         from megatron.core.dist_checkpointing.core import CheckpointingConfig
 
         return json.dumps(dataclasses.asdict(CheckpointingConfig("torch_dist", 1))).encode()
+
+    def reading_notes(self) -> list[str]:
+        """What of this checkpoint a grown copy does not carry, beyond its optimizer state."""
+        return []
 
     @property
     def args(self):

@@ -1,4 +1,5 @@
-"""Unpickle a torch DCP `.metadata` file without running code from it.
+"""Unpickle checkpoint files without running code from them: a torch DCP `.metadata` file
+(`load_metadata`) and torch pickles (`torch_load`: `common.pt`, legacy `model_optim_rng.pt`).
 
 torch's own `FileSystemReader.read_metadata` calls `pickle.load`: a crafted `.metadata` runs
 whatever it names. The metadata of a real checkpoint only names torch DCP's plain data classes,
@@ -88,3 +89,22 @@ def refusal(e: Exception) -> str:
     detail = f"it names {named.group(1)}" if named else text[:200]
     return (f"refused: loading it would run code or build objects a checkpoint never holds "
             f"({detail}); do not load it")
+
+
+def torch_load(path: Path, mmap: bool = False):
+    """A torch pickle (`common.pt`, a legacy `model_optim_rng.pt`) with `weights_only=True` and
+    megatron-core's safe globals (argparse.Namespace, its enums, numpy RNG state): anything else
+    is refused, never loaded. `mmap`: tensors stay on disk until read."""
+    import megatron.core  # noqa: F401  registers megatron-core's safe globals with torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete: point at another "
+                              "iteration") from None
+    except Exception as e:  # truncated or garbled: whatever torch raised
+        if forbidden(e):
+            raise CheckpointError(f"{path}: {refusal(e)}") from None
+        text = " ".join(str(e).split()) or "no detail"
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {text}); the "
+                              "checkpoint is corrupt") from None

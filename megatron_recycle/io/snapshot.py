@@ -4,6 +4,7 @@ of a `.distcp` or `.metadata`, a save into the same place) cannot mix two checkp
 grown checkpoint.
 
 Pinned: every file's inode, size and mtime_ns (a `mv` changes the inode, a rewrite the mtime),
+in the directory and its subdirectories (a legacy torch checkpoint's `mp_rank_*/`),
 and the bytes of `.metadata`, `metadata.json` and the common state (`common.pt`, or its byte
 range in a `.distcp` file from megatron-core 0.19 on), hashed: small, and what the grown
 checkpoint's layout and args are made from.
@@ -46,13 +47,15 @@ class SourceSnapshot:
                 "run again once the source is no longer being written")
 
 
-def _stats(directory: Path) -> dict:
+def _stats(directory: Path, prefix: str = "") -> dict:
     out = {}
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.is_file(follow_symlinks=True):
                 st = entry.stat(follow_symlinks=True)
-                out[entry.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+                out[prefix + entry.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            elif entry.is_dir(follow_symlinks=False) and not prefix:
+                out.update(_stats(Path(entry.path), f"{entry.name}/"))
     return out
 
 

@@ -213,7 +213,7 @@ def _resume_decision(args, request: Growth) -> Optional[Decision]:
 
 def _grow_decision(args, request: Growth) -> Decision:
     info = CheckpointInfo.read(args.load, args.ckpt_step)
-    compat.check_loadable(info.path)
+    compat.check_loadable(info)
     plan = plan_growth(request, source_architecture(info, args))
     layout = {"tensor_model_parallel_size": args.tensor_model_parallel_size,
               "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
