@@ -4,7 +4,8 @@ The paper authors' checkpoint merging (their `--use-ckpt-merge --second-ckpt-ste
 experts of width growth, their router rows and expert_bias come from a second checkpoint of the
 same architecture (another iteration, another branch) instead of copies of the source's. The
 mapping marks those boxes `Box.second`; this module reads the second checkpoint's metadata and
-refuses one that does not have the source's architecture, before anything is read or written.
+refuses one that does not have the source's architecture (or precision), before anything is
+read or written.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from .provenance import SourceRef
 FLAG = "--grow-from-second"
 
 
-def read_second(source: CheckpointInfo, second: str | os.PathLike, step: Optional[int] = None) -> CheckpointInfo:
+def read_second(source: CheckpointInfo, second: str | os.PathLike) -> CheckpointInfo:
     """The second checkpoint (a root or an iteration directory), checked to have `source`'s
     architecture: the same model tensors with the same global shapes, and the same args
     (the consistency check every reader runs is run on it too)."""
-    info = CheckpointInfo.read(second, step, FLAG)
+    info = CheckpointInfo.read(second, None, FLAG)
     if Path(os.path.realpath(info.path)) == Path(os.path.realpath(source.path)):
         raise GrowthError(f"{FLAG} {second}: is the source checkpoint itself; give another "
                           "iteration or run (without it the copies are the source's experts)")
@@ -36,6 +37,10 @@ def read_second(source: CheckpointInfo, second: str | os.PathLike, step: Optiona
             raise GrowthError(f"{FLAG} {info.path}: not the source's architecture: tensor {key!r} has "
                               f"global shape {_shape(theirs.get(key))} there, {_shape(mine.get(key))} in "
                               f"the source {source.path}; give a checkpoint of the same model")
+        if source.dtypes[key] != info.dtypes[key]:  # copies take the source's dtype: none is cast
+            raise GrowthError(f"{FLAG} {info.path}: tensor {key!r} is {info.dtypes[key]} there, "
+                              f"{source.dtypes[key]} in the source; give a checkpoint saved in the "
+                              "source's precision")
     if info.architecture() != source.architecture():
         raise GrowthError(f"{FLAG} {info.path}: not the source's architecture: {info.architecture()} "
                           f"there, {source.architecture()} in the source {source.path}")
@@ -50,21 +55,33 @@ def reference(second: CheckpointInfo) -> SourceRef:
 
 
 def check_reads(boxes: Iterable[Box], second: Optional[CheckpointInfo]) -> None:
-    """Every box the growth reads from the second checkpoint is there (optimizer state: the
-    second may have none, while the source's is grown)."""
+    """Every box the growth reads from the second checkpoint is there."""
     for box in boxes:
         if not box.second:
             continue
         if second is None:
             raise GrowthError(f"the plan reads expert copies from a second checkpoint ({FLAG}) but "
                               "none is given")
-        if second.shapes.get(box.key) != box.global_shape:
-            what = "optimizer state" if box.key.startswith("optimizer.") else "tensor"
-            raise GrowthError(f"{FLAG} {second.path}: {what} {box.key!r} is not there with global shape "
-                              f"{box.global_shape}, and the copies read it; "
-                              + ("give --grow-optimizer zero or reset, or a second checkpoint saved "
-                                 "with its optimizer state" if what != "tensor" else
-                                 "give a checkpoint of the source's architecture"))
+        _require(second, box.key, box.global_shape)
+
+
+def check_optimizer(source: CheckpointInfo, second: CheckpointInfo) -> None:
+    """Where the source's optimizer state is grown, the copies' state comes from the second's:
+    checked before anything is written (the second may have been saved without it)."""
+    for key, shape in sorted(source.shapes.items()):
+        if key.startswith("optimizer."):
+            _require(second, key, shape)
+
+
+def _require(second: CheckpointInfo, key: str, shape) -> None:
+    if second.shapes.get(key) == tuple(shape):
+        return
+    if key.startswith("optimizer."):
+        raise GrowthError(f"{FLAG} {second.path}: optimizer state {key!r} is not there with global shape "
+                          f"{tuple(shape)}, and the copies' state is read from it; give --grow-optimizer "
+                          "reset, or a second checkpoint saved with its optimizer state")
+    raise GrowthError(f"{FLAG} {second.path}: tensor {key!r} is not there with global shape {tuple(shape)}; "
+                      "give a checkpoint of the source's architecture")
 
 
 def _shape(shape) -> str:

@@ -207,6 +207,8 @@ def grow(
         second = merge.read_second(info, growth.second)
     optimizer = growth.optimizer
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
+    if second is not None and keep_optimizer:
+        merge.check_optimizer(info, second)
     if workers < 1:
         raise GrowthError(f"--workers must be >= 1, got {workers}")
     job = Job.current()

@@ -209,7 +209,8 @@ def test_grow_from_second_takes_the_expert_copies_from_it_and_verifies(ranks, gr
     assert proc.returncode == 1 and "FAILED: 1 mismatch" in proc.stdout, proc.stdout + proc.stderr
     assert "(layer 0, expert 5)" in proc.stdout
 
-    cli("grow", "--load", out / "src", "--save", out / "merged-noisy", *flags, "--grow-seed", "7")
+    cli("grow", "--load", out / "src", "--save", out / "merged-noisy", *flags, "--grow-seed", "7",
+        "--workers", 2, "--batch-size-mb", 0.05)
     proc = cli("verify", "--source", out / "src", "--grown", out / "merged-noisy")
     assert "verify: OK" in proc.stdout and "noisy copies" in proc.stdout
     ranks("offline_roundtrip.py", 2, "compare", out / "src" / "iter_0000005", out / "merged-noisy" / "iter_0000005",
@@ -229,6 +230,12 @@ def test_grow_from_second_of_another_architecture_is_refused_before_writing(grow
     proc = cli("grow", "--load", out / "src", "--save", out / "never", "--grow-depth", "2",
                "--grow-from-second", second, check=False)
     assert proc.returncode == 2 and "--grow-from-second gives the expert copies" in proc.stderr, proc.stderr
+    ckpt_tools.resave(second / "iter_0000005", out / "second-no-optimizer",
+                      lambda tensors: [tensors.pop(k) for k in list(tensors) if k.startswith("optimizer.")])
+    proc = cli("grow", "--load", out / "src", "--save", out / "never", *flags, "--grow-from-second",
+               out / "second-no-optimizer", check=False)
+    assert proc.returncode == 2 and "optimizer state 'optimizer." in proc.stderr, proc.stderr
+    assert "--grow-optimizer reset" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "never").exists()
 
 
