@@ -72,15 +72,15 @@ def _verify(args) -> int:
 
     if (hf := _hf_commands(args.source)) is not None:
         return hf.verify(args)
-    plan = optimizer = None
+    plan = optimizer = second = None
     if growth_options_given(args):
         from .io.checkpoint import CheckpointInfo
 
         growth = growth_from_args(args)
-        optimizer = growth.optimizer
+        optimizer, second = growth.optimizer, growth.second
         plan = growth.plan(CheckpointInfo.read(args.source, args.ckpt_step, "--source").architecture())
     report = verify.verify(args.source, args.grown, plan, optimizer, step=args.ckpt_step,
-                           batch_bytes=_batch_bytes(args))
+                           batch_bytes=_batch_bytes(args), second=second)
     print(report.summary(args.max_mismatches))
     return 0 if report.ok else EXIT_VERIFY_FAILED
 

@@ -25,7 +25,7 @@ from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, 
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
-from . import indexing, ops, policy
+from . import indexing, merge, ops, policy
 from .errors import CheckpointError
 from .io.checkpoint import CheckpointInfo
 from .io.reader import read_boxes
@@ -52,11 +52,13 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         source: Optional[str | os.PathLike] = None,
         upcycle: Optional[Upcycling] = None,
         init: Optional[CopyInit] = None,
+        second: Optional[str | os.PathLike] = None,
     ):
         """`optimizer_policy` (`--grow-optimizer`): copy / zero grow optimizer state the load
         asks for; reset means none is asked for. `source`: grow only what is loaded from this
         checkpoint directory and load any other plainly (for a training framework that builds
-        its load strategy before it knows the directory)."""
+        its load strategy before it knows the directory). `second`: the iteration directory the
+        expert copies are read from (`--grow-from-second`; the plan's `init.from_second`)."""
         super().__init__()
         # megatron-core 0.19.0 can dequantize FP8 targets tensor by tensor inside its reader;
         # growth writes into the targets itself, so they are dequantized before the load.
@@ -71,6 +73,7 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         self.init = init or CopyInit()
         self.optimizer_policy = optimizer_policy
         self.source = None if source is None else os.path.realpath(source)
+        self.second = None if second is None else Path(second)
         self._info: dict[Path, CheckpointInfo] = {}
 
     def source_info(self, checkpoint_dir) -> CheckpointInfo:
@@ -83,7 +86,18 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         if self.plan is None:
             arch = self.source_info(checkpoint_dir).architecture()
             self.plan = GrowthPlan(arch, self.depth, self.width, self.upcycle, self.init)
+        if self.plan.init.from_second != (self.second is not None):
+            raise GrowthError("--grow-from-second: the plan reads expert copies from a second "
+                              "checkpoint exactly when one is given (GrowthLoadStrategy(second=...))")
         return self.plan
+
+    def second_info(self, checkpoint_dir) -> Optional[CheckpointInfo]:
+        """The second checkpoint, checked to have the source's architecture."""
+        if self.second is None:
+            return None
+        if self.second not in self._info:
+            self._info[self.second] = merge.read_second(self.source_info(checkpoint_dir), self.second)
+        return self._info[self.second]
 
     @torch.no_grad()
     def load(self, sharded_state_dict, checkpoint_dir, *args, **kwargs):
@@ -93,8 +107,9 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
             return super().load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
         try:
             info = self.source_info(checkpoint_dir)
-            work = prepare(self.plan_for(checkpoint_dir), info.shapes, sharded_state_dict,
-                           self.optimizer_policy, set(info.objects))
+            plan, second = self.plan_for(checkpoint_dir), self.second_info(checkpoint_dir)
+            work = prepare(plan, info.shapes, sharded_state_dict, self.optimizer_policy, set(info.objects),
+                           second)
             error = None
         except GrowthError as e:  # agree on failure before the collective read
             work, error = None, e
@@ -106,7 +121,11 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
             return super(GrowthLoadStrategy, self).load(request, checkpoint_dir, *args, **kwargs)
 
         try:
-            loaded = execute(work, self.plan, read, lambda request: read_boxes(checkpoint_dir, request))
+            # the second checkpoint's boxes are read by this rank alone (io.reader), outside
+            # megatron-core's collective read of the source
+            read_second = None if second is None else second.read_boxes
+            loaded = execute(work, self.plan, read, lambda request: read_boxes(checkpoint_dir, request),
+                             read_second)
         except CheckpointError as e:  # a non-finite grown shard: every rank stops, none waits
             loaded, error = None, e
         _raise_if_any_rank_failed(error)
@@ -114,11 +133,12 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
 
 
 def grow_state_dict(plan: GrowthPlan, source: CheckpointInfo, sharded_state_dict, read: Reader,
-                    optimizer_policy: str = "copy"):
-    """`sharded_state_dict` (target shards) filled from the source that `read` reads: the hook's
-    work without its collective agreement, for one process."""
-    work = prepare(plan, source.shapes, sharded_state_dict, optimizer_policy, set(source.objects))
-    return execute(work, plan, read, read)
+                    optimizer_policy: str = "copy", second: Optional[CheckpointInfo] = None):
+    """`sharded_state_dict` (target shards) filled from the source that `read` reads (and the
+    `second` checkpoint, `--grow-from-second`): the hook's work without its collective
+    agreement, for one process."""
+    work = prepare(plan, source.shapes, sharded_state_dict, optimizer_policy, set(source.objects), second)
+    return execute(work, plan, read, read, None if second is None else second.read_boxes)
 
 
 @dataclass
@@ -127,6 +147,7 @@ class Work:
 
     sharded_state_dict: object
     request: dict = field(default_factory=dict)  # name → tensor to read from the source
+    second_request: dict = field(default_factory=dict)  # name → tensor of the second checkpoint
     object_request: dict = field(default_factory=dict)  # name → object to read from the source
     fills: list[tuple[ShardedTensor, Fill]] = field(default_factory=list)
     boxes: list[Box] = field(default_factory=list)  # the box read under request name r{i}
@@ -136,7 +157,7 @@ class Work:
 
 
 def prepare(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, optimizer_policy: str,
-            source_objects: set) -> Work:
+            source_objects: set, second: Optional[CheckpointInfo] = None) -> Work:
     """Map every requested shard and object; raises GrowthError before anything is read."""
     work = Work(sharded_state_dict)
     object_requests: dict[str, tuple[str, ShardedObject]] = {}
@@ -166,6 +187,7 @@ def prepare(plan: GrowthPlan, source_shapes: dict, sharded_state_dict, optimizer
     work.request.update({name: sh for name, sh in work.passthrough})
     work.object_request.update(object_requests.values())
     _plan_reads(work)
+    merge.check_reads(work.boxes, second)
     logger.info("growth: %d target shards from %d source regions (%d passed through)",
                 len(work.fills), len(work.boxes), len(work.passthrough))
     return work
@@ -180,6 +202,8 @@ def _plan_reads(work: Work) -> None:
     holders: dict[Box, tuple[ShardedTensor, bool]] = {}  # box → (shard, noisy)
     dtypes: dict[Box, torch.dtype] = {}
     for sh, fill in work.fills:
+        if fill.second is not None:  # router rows of the second: a buffer, like any rows
+            dtypes.setdefault(fill.second, sh.data.dtype)
         if fill.source is None:  # nothing to read (a zero router of an upcycled layer)
             continue
         read = fill.source.unit() if fill.source.unit() in sigma_units else fill.source
@@ -197,15 +221,19 @@ def _plan_reads(work: Work) -> None:
                  if fill.modifies and holders.get(fill.source, (None,))[0] is sh}
     for i, box in enumerate(work.boxes):
         into = _local(holders[box][0]) if box in holders else None
-        work.request[f"r{i}"] = _box_request(box, into, dtypes[box])
+        requests = work.second_request if box.second else work.request
+        requests[f"r{i}"] = _box_request(box, into, dtypes[box])
 
 
-def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader):
+def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader,
+            read_second: Optional[Reader] = None):
     """Read what `work` asks for and fill every target shard; returns the loaded state dict.
     Objects are read apart, by `read_objects`: megatron-core's reader unpickles them with
-    `weights_only=False`, the hook reads them with `io.reader` (this rank alone: they are small)."""
+    `weights_only=False`, the hook reads them with `io.reader` (this rank alone: they are small).
+    `read_second` reads the second checkpoint's boxes (`--grow-from-second`)."""
     loaded = read(work.request)
     loaded.update(read_objects(work.object_request) if work.object_request else {})
+    loaded.update(read_second(work.second_request) if work.second_request else {})
     buffers = {box: loaded[f"r{i}"] for i, box in enumerate(work.boxes)}
     units = list(_sigma_units(work.fills))
     sigmas = dict(zip(units, ops.parallel(lambda unit: ops.sigma(buffers[unit]), units)))
@@ -214,8 +242,10 @@ def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader):
     def fill(item: tuple[ShardedTensor, Fill]) -> None:  # targets are disjoint: thread-safe
         sh, how = item
         source = None if how.source is None else ops.box_view(buffers, how.source)
+        second = None if how.second is None else ops.box_view(buffers, how.second)
         try:
-            ops.fill_shard(_local(sh), how, source, sigmas.__getitem__, width.noise_alpha, width.seed)
+            ops.fill_shard(_local(sh), how, source, sigmas.__getitem__, width.noise_alpha, width.seed,
+                           second)
         except ops.NotFinite as e:
             raise _not_finite(sh, how, e.overflow, width.noise_alpha) from None
 

@@ -8,6 +8,7 @@ the target layout, so any TP/EP/PP/VPP layout maps the same way. The result is p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -29,6 +30,7 @@ class Box:
     index: tuple[int, ...] = ()  # prepended-axis indices (layer, expert)
     offset: tuple[int, ...] = ()  # inside the unit
     shape: tuple[int, ...] = ()  # inside the unit
+    second: bool = False  # in the second checkpoint (--grow-from-second), not the source
 
     @property
     def unit_shape(self) -> tuple[int, ...]:
@@ -40,13 +42,18 @@ class Box:
 
     def unit(self) -> "Box":
         """The whole unit this box lies in."""
-        return Box(self.key, self.global_shape, self.index, (0,) * len(self.unit_shape), self.unit_shape)
+        return Box(self.key, self.global_shape, self.index, (0,) * len(self.unit_shape), self.unit_shape,
+                   self.second)
+
+    def in_second(self) -> "Box":
+        """The same box of the second checkpoint (which has the source's shapes)."""
+        return dataclasses.replace(self, second=True)
 
     @classmethod
-    def whole_unit(cls, key: str, global_shape, index) -> "Box":
+    def whole_unit(cls, key: str, global_shape, index, second: bool = False) -> "Box":
         global_shape, index = tuple(global_shape), tuple(index)
         unit_shape = global_shape[len(index):]
-        return cls(key, global_shape, index, (0,) * len(unit_shape), unit_shape)
+        return cls(key, global_shape, index, (0,) * len(unit_shape), unit_shape, second)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,9 @@ class Fill:
 
     source: Optional[Box]  # None: nothing to read (a zero router of an upcycled layer)
     rows: Optional[tuple[int, ...]] = None  # router: source row for each local target row
+    # router rows of --grow-from-second: the second checkpoint's rows of `source`; `rows` then
+    # index `source` and `second` one after the other (row E + e: the second's row e)
+    second: Optional[Box] = None
     zero: bool = False  # zeroed output projection / moments of a copy
     zero_rows: tuple[int, ...] = ()  # router moments: the local rows that are copies
     noise: Optional[Noise] = None
@@ -156,6 +166,12 @@ def map_shard(
     if reinit_unit:
         return Fill(source=None, noise=_drawn(plan, name, came_from.layer, ((came_from.expert, -1),),
                                               global_shape[prepend:], global_offset[prepend:]))
+    second = None  # --grow-from-second: expert copies and their router rows from the second
+    if init.from_second and came_from.expert_copy > 0 and layout.has_expert_index:
+        source = source.in_second()
+    elif init.from_second and copy_rows and not zero_moments:  # zeroed rows read nothing of it
+        second = source.in_second()
+        rows = tuple(r + plan.source.num_experts if i in copy_rows else r for i, r in enumerate(rows))
     scale, scaled_rows = 1.0, None
     if init.weight_multiplier != 1.0 and not moment and (is_copy or copy_rows):
         scale = init.weight_multiplier
@@ -172,13 +188,13 @@ def map_shard(
         copies = tuple((target_rows[i], i) for i in copy_rows)
         noise = Noise(name, came_from.layer, copies,
                       tuple(global_shape[prepend + 1:]), tuple(global_offset[prepend + 1:]),
-                      _sigma_unit(layout, source, source_shapes), init.weight_multiplier)
+                      _sigma_unit(layout, second or source, source_shapes), init.weight_multiplier)
     elif wants_noise and came_from.expert_copy > 0:
         noise = Noise(name, came_from.layer, ((came_from.expert, -1),),
                       tuple(global_shape[prepend:]), tuple(global_offset[prepend:]),
                       _sigma_unit(layout, source, source_shapes), init.weight_multiplier)
     return Fill(source=source, rows=rows, zero_rows=zero_rows, noise=noise, scale=scale,
-                scaled_rows=scaled_rows)
+                scaled_rows=scaled_rows, second=second)
 
 
 def _drawn(plan: GrowthPlan, name: str, layer: int, experts, unit_shape, offset) -> Noise:
@@ -298,7 +314,7 @@ def _sigma_unit(layout: indexing.KeyLayout, source: Box, source_shapes) -> Box:
     if layout.is_master_param:
         weight_key = unit.key[len(layout.prefix):]
         if source_shapes.get(weight_key) == unit.global_shape:
-            return Box(weight_key, unit.global_shape, unit.index, unit.offset, unit.shape)
+            return dataclasses.replace(unit, key=weight_key)
     return unit
 
 

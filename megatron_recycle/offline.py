@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__, companions, hybrid, policy, upcycling
+from . import __version__, companions, hybrid, merge, policy, upcycling
 from .cost import human
 from .distributed import Job
 from .errors import GrowthError
@@ -52,9 +52,10 @@ Log = Callable[[str], None]
 class BatchGrower:
     """Grows and writes batches into one output directory; one per process."""
 
-    def __init__(self, source: CheckpointInfo, out_dir: Path, plan: GrowthPlan, optimizer: str):
+    def __init__(self, source: CheckpointInfo, out_dir: Path, plan: GrowthPlan, optimizer: str,
+                 second: Optional[CheckpointInfo] = None):
         self.source, self.out_dir = source, out_dir
-        self.plan, self.optimizer = plan, optimizer
+        self.plan, self.optimizer, self.second = plan, optimizer, second
 
     def run(self, batch: Batch):
         return batch.number, self.write(batch, self.grow(batch))
@@ -82,7 +83,7 @@ class BatchGrower:
         for i, o in enumerate(batch.objects):
             request[f"o{i}"] = ShardedObject(o.key, None, o.global_shape, o.offset, replica_id=0)
         return grow_state_dict(self.plan, self.source, request,
-                               self.source.read_boxes, self.optimizer)
+                               self.source.read_boxes, self.optimizer, self.second)
 
     def write(self, batch: Batch, grown: dict) -> list:
         from .io.writer import write_batch
@@ -152,7 +153,8 @@ def grown_model_args(plan: GrowthPlan, recorded: Callable[[str], object], dense_
     return out
 
 
-def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, optimizer: str) -> dict:
+def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, optimizer: str,
+                 second: Optional[CheckpointInfo] = None) -> dict:
     """The common state of the grown checkpoint: args describe the grown model; provenance."""
     common = copy.copy(info.common)
     if info.args is not None:
@@ -172,6 +174,7 @@ def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, o
         grown_by="offline",
         version=__version__,
         previous=info.provenance,
+        second=None if second is None else merge.reference(second),
     ).to_dict()
     return common
 
@@ -198,8 +201,14 @@ def grow(
     info = CheckpointInfo.read(source, step)
     tracker = tracker_text(info)
     plan = growth.plan(info.architecture())
+    second_pinned = second = None
+    if growth.second is not None:  # pinned as the source is, before it is read
+        second_pinned = SourceSnapshot.take(resolve(growth.second, None, merge.FLAG))
+        second = merge.read_second(info, growth.second)
     optimizer = growth.optimizer
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
+    if second is not None and keep_optimizer:
+        merge.check_optimizer(info, second)
     if workers < 1:
         raise GrowthError(f"--workers must be >= 1, got {workers}")
     job = Job.current()
@@ -249,7 +258,8 @@ def grow(
         from .io.writer import finish, fsync
 
         results = [per_rank[number % job.world][number] for number in range(len(work))]
-        finish(out_dir, pieces, objects, results, grown_common(info, plan, keep_optimizer, optimizer),
+        finish(out_dir, pieces, objects, results,
+               grown_common(info, plan, keep_optimizer, optimizer, second),
                info.metadata_json(), common_number=len(work))
         if framework_files is not None:
             for path in framework_files.write(staging, out_dir, plan, info.dense_hidden()):
@@ -263,6 +273,8 @@ def grow(
         (staging / TRACKER_FILE).write_text(tracker)  # last: only now is it a checkpoint
         fsync(staging / TRACKER_FILE)
         pinned.check()  # after every rank's last read
+        if second_pinned is not None:
+            second_pinned.check(merge.FLAG)
         destination.commit()
 
     with contextlib.ExitStack() as stack:  # on rank 0: the destination's lock and staging
@@ -276,8 +288,10 @@ def grow(
         workers = _processes(workers, len(mine), log)
 
         def grow_mine() -> dict:
-            results = _execute(mine, (info, out_dir, plan, optimizer), workers, start, log)
+            results = _execute(mine, (info, out_dir, plan, optimizer, second), workers, start, log)
             pinned.check()  # what this rank read (its window overlaps every other rank's)
+            if second_pinned is not None:
+                second_pinned.check(merge.FLAG)
             return results
 
         per_rank = job.on_every_rank(grow_mine)

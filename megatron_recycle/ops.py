@@ -124,16 +124,21 @@ def fill_shard(
     sigma_of: Callable[[Box], float],
     alpha: float,
     seed: int,
+    second: Optional[torch.Tensor] = None,
 ) -> None:
-    """Write one grown shard into `target` (any dtype, any device) in place. Raises NotFinite
-    where a shard it changes (scaled, noised) is not finite: growth never writes Inf/NaN."""
+    """Write one grown shard into `target` (any dtype, any device) in place; `second`: the
+    data of `fill.second`. Raises NotFinite where a shard it changes (scaled, noised) is not
+    finite: growth never writes Inf/NaN."""
     if fill.zero:
         target.zero_()
         return
     if fill.source is None:  # drawn afresh: a baseline's re-initialised unit
         data = torch.zeros(target.shape, dtype=torch.float32)
+    elif fill.rows is None:
+        data = source
     else:
-        data = source if fill.rows is None else source.index_select(0, torch.tensor(fill.rows))
+        both = source if second is None else torch.cat([source, second])
+        data = both.index_select(0, torch.tensor(fill.rows))
     if fill.zero_rows:
         data[list(fill.zero_rows)] = 0  # a fresh tensor from index_select: safe to write
     if not fill.modifies:

@@ -37,6 +37,7 @@ class Growth:
     optimizer: str = "copy"  # --grow-optimizer: copy / zero (copies' moments) / reset
     rewarmup_iters: int = 0  # 0: the LR schedule continues
     init: CopyInit = CopyInit()
+    second: Optional[str] = None  # --grow-from-second: the checkpoint the expert copies come from
 
     @property
     def asked(self) -> bool:
@@ -45,6 +46,9 @@ class Growth:
                 or self.upcycle.active)
 
     def plan(self, source: Architecture) -> GrowthPlan:
+        if self.init.from_second != (self.second is not None):
+            raise GrowthError("--grow-from-second: the plan reads expert copies from a second "
+                              "checkpoint exactly when one is given (Growth.second)")
         return GrowthPlan(source, self.depth, self.width, self.upcycle, self.init)
 
     def same_plan(self, plan_description: dict) -> bool:
@@ -161,6 +165,12 @@ def add_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "N(0, --grow-init-std^2) instead of copied (needs --grow-experts)")
     g.add_argument("--grow-zero-expert-bias", action="store_true",
                    help="zero every router's expert_bias (the aux-loss-free load-balancing term)")
+    g.add_argument("--grow-from-second", default=None, metavar="CKPT",
+                   help="checkpoint merging: the expert copies (ids E..M*E-1), their router rows "
+                        "and expert_bias from this checkpoint of the same architecture (a root or "
+                        "an iter_XXXXXXX directory: another iteration or run), not from the "
+                        "source; --grow-noise-alpha still applies, with the second's sigma "
+                        "(needs --grow-experts)")
     g.add_argument("--grow-init-std", type=number(0, low_open=True), default=_INIT.init_std,
                    metavar="STD", help="std of the fresh draws of the two baselines (default: %(default)s)")
     g.add_argument("--grow-optimizer", choices=OPTIMIZER_POLICIES, default="copy",
@@ -221,12 +231,14 @@ def growth_from_args(args: argparse.Namespace) -> Growth:
         raise GrowthError("--upcycle-topk/-granularity/-layers/-shared-expert need --upcycle-experts E")
     init = CopyInit(weight_multiplier=args.grow_weight_multiplier, random_router=args.grow_random_router,
                     reinit_expert_copies=args.grow_reinit_expert_copies,
-                    zero_expert_bias=args.grow_zero_expert_bias, init_std=args.grow_init_std)
-    growth = Growth(depth, width, upcycle, args.grow_optimizer, args.grow_rewarmup_iters, init)
+                    zero_expert_bias=args.grow_zero_expert_bias, init_std=args.grow_init_std,
+                    from_second=args.grow_from_second is not None)
+    growth = Growth(depth, width, upcycle, args.grow_optimizer, args.grow_rewarmup_iters, init,
+                    args.grow_from_second)
     if init != _INIT and not growth.asked:  # else a launch script would ignore them silently
         raise GrowthError("--grow-weight-multiplier / --grow-random-router / --grow-reinit-expert-copies"
-                          " / --grow-zero-expert-bias / --grow-init-std change how a growth copies: give "
-                          "--grow-depth, --grow-experts or --grow-layer-map too")
+                          " / --grow-zero-expert-bias / --grow-init-std / --grow-from-second change how a "
+                          "growth copies: give --grow-depth, --grow-experts or --grow-layer-map too")
     return growth
 
 

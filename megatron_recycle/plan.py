@@ -72,6 +72,9 @@ class CopyInit:
     reinit_expert_copies: bool = False  # expert copies and their router rows drawn afresh
     zero_expert_bias: bool = False  # every router's expert_bias zero (the load-balancing term)
     init_std: float = INIT_STD
+    # expert copies (and their router rows, expert_bias) read from a second checkpoint of the
+    # same architecture (--grow-from-second): the paper authors' checkpoint merging
+    from_second: bool = False
 
     @property
     def draws(self) -> bool:
@@ -373,6 +376,12 @@ class GrowthPlan:
             if given and (w.factor < 2 or not self.source.is_moe):
                 raise GrowthError(f"{flag} is a baseline of expert growth: give --grow-experts M > 1 "
                                   f"(now {w.factor}) with a Mixture-of-Experts source")
+        if init.from_second and (w.factor < 2 or not self.source.is_moe):
+            raise GrowthError(f"--grow-from-second gives the expert copies; give --grow-experts M > 1 "
+                              f"(now {w.factor}) with a Mixture-of-Experts source")
+        if init.from_second and init.draws:
+            raise GrowthError("--grow-from-second reads the expert copies from a second checkpoint; "
+                              "--grow-random-router / --grow-reinit-expert-copies draw them: give one")
         if init.zero_expert_bias and not self.source.is_moe:
             raise GrowthError("--grow-zero-expert-bias zeroes the routers' expert_bias, but the "
                               "source has no experts")
@@ -476,6 +485,9 @@ class GrowthPlan:
         if init.reinit_expert_copies:
             notes.append(f"expert copies and their router rows drawn afresh (N(0, "
                          f"{init.init_std:g}^2)): the re-initialised baseline")
+        if init.from_second:
+            notes.append("expert copies and their router rows from the second checkpoint "
+                         "(--grow-from-second): the grown model computes something new")
         if init.zero_expert_bias:
             notes.append("expert_bias zeroed: routing differs where the source's bias was not zero")
         return notes

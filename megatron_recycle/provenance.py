@@ -31,6 +31,13 @@ class SourceRef:
     path: str  # the iteration directory (real path)
     iteration: Optional[int]
     load: Optional[str] = None  # the `--load` root a Megatron-LM job named (real path)
+    metadata_sha256: Optional[str] = None  # the second checkpoint's: its `.metadata`, which names every file
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"path": self.path, "iteration": self.iteration, "load": self.load}
+        if self.metadata_sha256 is not None:
+            out["metadata_sha256"] = self.metadata_sha256
+        return out
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Provenance:
     layout: Optional[dict] = None  # the parallel layout of the job that grew (Megatron-LM)
     previous: Optional["Provenance"] = None  # the source's own record, if it was grown too
     schema: int = SCHEMA
+    second: Optional[SourceRef] = None  # where the expert copies came from (--grow-from-second)
 
     @property
     def seed(self) -> int:
@@ -56,8 +64,7 @@ class Provenance:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
-            "source": {"path": self.source.path, "iteration": self.source.iteration,
-                       "load": self.source.load},
+            "source": self.source.to_dict(),
             "plan": self.plan,
             "optimizer_policy": self.optimizer_policy,
             "optimizer": self.optimizer,
@@ -66,6 +73,7 @@ class Provenance:
             "rewarmup_iters": self.rewarmup_iters,
             "layout": self.layout,
             "previous": None if self.previous is None else self.previous.to_dict(),
+            "second": None if self.second is None else self.second.to_dict(),
         }
 
     @classmethod
@@ -80,7 +88,7 @@ class Provenance:
                 ref = SourceRef(str(source), record.get("iteration"))
                 grown_by = "offline"
             policy = record.get("optimizer_policy", "copy")
-            previous = record.get("previous")
+            previous, second = record.get("previous"), record.get("second")
             return cls(
                 source=ref,
                 plan=record["plan"],
@@ -92,6 +100,7 @@ class Provenance:
                 layout=record.get("layout"),
                 previous=None if previous is None else cls.from_dict(previous),
                 schema=int(record.get("schema", 1)),
+                second=None if second is None else SourceRef(**second),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise GrowthError(f"the growth record ({KEY!r} in the common state) is not one "
@@ -126,6 +135,7 @@ class Provenance:
                 "optimizer": self.optimizer, "layer_map": self.plan.get("layer_map"),
                 "depth": self.plan.get("depth"), "width": self.plan.get("width"),
                 "init": self.plan.get("init"),
+                "second": None if self.second is None else self.second.to_dict(),
                 "disagreements": self.disagreements(),
                 "previous": None if self.previous is None else self.previous.summary()}
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import companions, consistency, hybrid, indexing, manifest, ops, policy, upcycling
+from . import companions, consistency, hybrid, indexing, manifest, merge, ops, policy, upcycling
 from .errors import GrowthError
 from .io.checkpoint import CheckpointInfo, iteration_dir
 from .io.iteration_files import IterationFiles
@@ -49,6 +49,7 @@ class Expectation:
     noise_factor: float = 1.0  # --grow-weight-multiplier on the copies' α·σ
     drawn: bool = False  # the piece drawn afresh (source None): a baseline's N(0, init_std²)
     drawn_rows: tuple[int, ...] = ()  # router rows drawn afresh (the rest copied)
+    second: Optional[Box] = None  # router rows of --grow-from-second: rows >= E index its rows
 
 
 def expectation(plan: GrowthPlan, piece: manifest.Piece, source_shapes, moment_policy: str) -> Expectation:
@@ -107,9 +108,15 @@ def expectation(plan: GrowthPlan, piece: manifest.Piece, source_shapes, moment_p
         sigma_key = weight_key  # master params get the weight's noise
     source = None if zero or drawn else Box(source_key, tuple(source_shapes[source_key]), tuple(index),
                                             tuple(offset), tuple(shape))
+    second = None  # --grow-from-second: an expert copy, or the copies' router rows, from the second
+    if init.from_second and source is not None and expert_copy > 0:
+        source = source.in_second()
+    elif init.from_second and source is not None and copy_rows and not zero_moments:
+        second = source.in_second()
+        rows = tuple(r + plan.source.num_experts if i in copy_rows else r for i, r in enumerate(rows))
     return Expectation(source, layer, expert, rows, targets, copy_rows, zero, zero_rows, noisy,
                        layout.canonical_name(), sigma_key, scale, box.unit_shape, box.offset, scale_rows,
-                       init.weight_multiplier, drawn, drawn_rows)
+                       init.weight_multiplier, drawn, drawn_rows, second)
 
 
 def _upcycled_expectation(plan: GrowthPlan, piece: manifest.Piece, layout: indexing.KeyLayout, layer: int,
@@ -196,7 +203,8 @@ class Report:
 
 
 def verify(source, grown, plan: Optional[GrowthPlan] = None, optimizer: Optional[str] = None,
-           step: Optional[int] = None, batch_bytes: int = 1 << 30) -> Report:
+           step: Optional[int] = None, batch_bytes: int = 1 << 30, second=None) -> Report:
+    """`second`: the checkpoint of `--grow-from-second` (default: the one the record names)."""
     src = CheckpointInfo.read(source, step, "--source")
     dst = CheckpointInfo.read(grown, None, "--grown")
     provenance = dst.provenance
@@ -205,6 +213,12 @@ def verify(source, grown, plan: Optional[GrowthPlan] = None, optimizer: Optional
             raise GrowthError(f"--grown {dst.path} has no growth record (common-state key "
                               "'megatron_recycle'); pass the --grow-* options it was grown with")
         plan = provenance.growth_plan()
+    if plan.init.from_second and second is None:
+        if provenance is None or provenance.second is None:
+            raise GrowthError(f"--grown {dst.path}: its plan reads expert copies from a second "
+                              f"checkpoint, but its record names none; pass {merge.FLAG} CKPT")
+        second = provenance.second.path
+    second_info = merge.read_second(src, second) if plan.init.from_second else None
     optimizer = optimizer or (provenance.optimizer_policy if provenance else "copy")
     keep_optimizer = policy.grows_optimizer(optimizer) and manifest.keeps_optimizer(src)
     if plan.source != src.architecture():
@@ -213,6 +227,10 @@ def verify(source, grown, plan: Optional[GrowthPlan] = None, optimizer: Optional
 
     report = Report()
     _check_common(src, dst, plan, report)
+    recorded = None if provenance is None else provenance.second
+    if second_info is not None and recorded is not None and recorded != merge.reference(second_info):
+        report.mismatches.append(f"common state: the growth record names the second checkpoint "
+                                 f"{recorded}, {merge.FLAG} is {merge.reference(second_info)}")
     want = manifest.target_tensors(src, plan, keep_optimizer)
     have = {k: (s, dst.dtypes[k]) for k, s in dst.shapes.items()}
     for key in sorted(want.keys() - have.keys()):
@@ -229,7 +247,7 @@ def verify(source, grown, plan: Optional[GrowthPlan] = None, optimizer: Optional
     pieces = [p for p in manifest.target_pieces(src, plan, max(batch_bytes // 4, 1), keep_optimizer)
               if p.box.key in have and want[p.box.key] == have[p.box.key]]
     for batch in manifest.batches(pieces, [], batch_bytes):
-        _check_batch(src, dst, plan, batch.pieces, optimizer, report)
+        _check_batch(src, dst, plan, batch.pieces, optimizer, report, second_info)
     return report
 
 
@@ -281,7 +299,7 @@ def _check_common(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, re
 
 
 def _check_batch(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, pieces, moment_policy,
-                 report: Report) -> None:
+                 report: Report, second: Optional[CheckpointInfo] = None) -> None:
     from .io.reader import box_request
 
     if not pieces:
@@ -289,8 +307,12 @@ def _check_batch(src: CheckpointInfo, dst: CheckpointInfo, plan: GrowthPlan, pie
     expectations = [expectation(plan, p, src.shapes, moment_policy) for p in pieces]
     grown = dst.read_boxes({i: box_request(p.box, p.dtype) for i, p in enumerate(pieces)})
     boxes = {e.source for e in expectations if e.source is not None}
+    boxes |= {e.second for e in expectations if e.second is not None}
     boxes |= {_sigma_unit(src, e) for e in expectations if e.noisy}
-    source = src.read_boxes({b: box_request(b, src.dtypes[b.key]) for b in boxes})
+    merge.check_reads(boxes, second)
+    source = src.read_boxes({b: box_request(b, src.dtypes[b.key]) for b in boxes if not b.second})
+    if second is not None:
+        source.update(second.read_boxes({b: box_request(b, second.dtypes[b.key]) for b in boxes if b.second}))
     for i, (piece, exp) in enumerate(zip(pieces, expectations)):
         report.pieces += 1
         problem = _check_piece(grown[i], source, exp, plan, src, report)
@@ -309,6 +331,8 @@ def _check_piece(got: torch.Tensor, source: dict, exp: Expectation, plan: Growth
                         .to(got.dtype), f"its fresh N(0, {plan.init.init_std:g}^2) draw")
     base = source[exp.source]
     if exp.rows is not None:
+        if exp.second is not None:
+            base = torch.cat([base, source[exp.second]])
         base = base[list(exp.rows)]  # a fresh tensor: safe to write below
         base[list(exp.zero_rows)] = 0
     if not exp.noisy and exp.scale == 1.0 and not exp.drawn_rows:
@@ -397,8 +421,10 @@ def _sigma(unit: torch.Tensor) -> float:
 
 
 def _sigma_unit(src: CheckpointInfo, exp: Expectation) -> Box:
-    """The whole source unit (one layer/expert slab) whose σ scales `exp`'s noise."""
-    return Box.whole_unit(exp.sigma_key, src.shapes[exp.sigma_key], exp.source.index)
+    """The whole source unit (one layer/expert slab) whose σ scales `exp`'s noise: the second
+    checkpoint's where the copies come from it."""
+    read_from = exp.second or exp.source
+    return Box.whole_unit(exp.sigma_key, src.shapes[exp.sigma_key], read_from.index, read_from.second)
 
 
 def _first(mask: torch.Tensor) -> tuple[int, ...]:

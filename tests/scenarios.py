@@ -11,6 +11,9 @@ PLAN = GrowthPlan(SPEC.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alph
 # (TP-sharded expert units: the draws must not depend on the layout), expert bias zeroed.
 COPY_INIT_PLAN = GrowthPlan(SPEC.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alpha=0.01, seed=7),
                             init=CopyInit(weight_multiplier=0.5, reinit_expert_copies=True, zero_expert_bias=True))
+# The same growth with the expert copies from a second checkpoint (--grow-from-second).
+SECOND_PLAN = GrowthPlan(SPEC.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alpha=0.01, seed=7),
+                         init=CopyInit(from_second=True))
 SOURCES = {"s1": toy.Layout(), "s2": toy.Layout(tp=2, ep=2)}
 TARGETS = {
     "tp2-pp2": (toy.Layout(tp=2, pp=2), False),

@@ -145,7 +145,7 @@ def test_the_authors_options_reach_the_plan_and_its_record(ckpts):
     assert decision.plan.init == CopyInit(weight_multiplier=0.5, random_router=True, zero_expert_bias=True)
     assert decision.provenance.plan["init"] == {"weight_multiplier": 0.5, "random_router": True,
                                                 "reinit_expert_copies": False, "zero_expert_bias": True,
-                                                "init_std": 0.02}
+                                                "init_std": 0.02, "from_second": False}
     with pytest.raises(GrowthError, match="--grow-random-router is a baseline of expert growth"):
         configure(["--load", str(ckpts / "base"), "--grow-depth", "2", "--grow-random-router"])
     with pytest.raises(GrowthError, match="change how a growth copies"):

@@ -161,6 +161,84 @@ def test_copy_init_options_grow_by_their_definition_and_verify(ranks, grown, nam
                        {"bias", "router", "noisy", "multiplied"})
 
 
+@pytest.fixture(scope="module")
+def second(grown):
+    """OUT/second: the source's architecture, every tensor changed (x -2 + 1/4), as another
+    iteration or run of the same model would be."""
+    out, _, _ = grown
+    ckpt_tools.resave(out / "src" / "iter_0000005", out / "second",
+                      lambda tensors: [t.mul_(-2).add_(0.25) for t in tensors.values() if t.is_floating_point()])
+    return out / "second"
+
+
+def test_grow_from_second_takes_the_expert_copies_from_it_and_verifies(ranks, grown, second):
+    """Experts 0-3 (and their router rows, expert_bias, moments) from the source, 4-7 from the
+    second, layer copies from the source; exact at alpha 0. With noise: verify regenerates it
+    from the second's sigma, and the load hook in three layouts gives what offline wrote."""
+    from megatron_recycle.provenance import Provenance
+
+    out, _, _ = grown
+    flags = ["--grow-depth", "2", "--grow-experts", "2", "--grow-from-second", second]
+    cli("grow", "--load", out / "src", "--save", out / "merged", *flags, "--grow-noise-alpha", "0")
+    source = ckpt_tools.read_checkpoint(out / "src" / "iter_0000005")
+    other = ckpt_tools.read_checkpoint(second / "iter_0000005")
+    tensors = ckpt_tools.read_checkpoint(out / "merged" / "iter_0000005")
+    copy_expert = torch.tensor([c > 0 for _, c in PLAN.expert_map()])
+    kinds = set()
+    for key, t in tensors.items():
+        want = ckpt_tools.by_plan(PLAN, key, source[key])
+        if ckpt_tools.model_key(key).startswith("decoder.layers.") and ckpt_tools.indexed_by_expert(key):
+            theirs = ckpt_tools.by_plan(PLAN, key, other[key])
+            assert torch.equal(t[:, ~copy_expert], want[:, ~copy_expert]), key
+            assert torch.equal(t[:, copy_expert], theirs[:, copy_expert]), key
+            assert not torch.equal(want[:, copy_expert], theirs[:, copy_expert]), key
+            kinds.add(key.rpartition(".")[2] if "router" in key else ckpt_tools.optimizer_state_kind(key))
+        else:
+            assert torch.equal(t, want), key
+    assert kinds == {"weight", "expert_bias", "model", "param", "exp_avg", "exp_avg_sq"}, kinds
+    record = Provenance.from_dict(ckpt_tools.common_state(out / "merged")["megatron_recycle"])
+    assert record.second.path == str((second / "iter_0000005").resolve()) and record.second.iteration == 5
+    assert len(record.second.metadata_sha256) == 64 and record.plan["init"]["from_second"]
+    assert "verify: OK" in cli("verify", "--source", out / "src", "--grown", out / "merged").stdout
+
+    def alter(tensors):  # one element of a copy (expert 5), which the source never gave
+        tensors["decoder.layers.mlp.experts.experts.linear_fc2.weight"][0, 5, 1, 2] += 1e-3
+
+    ckpt_tools.resave(out / "merged" / "iter_0000005", out / "merged-altered", alter)
+    proc = cli("verify", "--source", out / "src", "--grown", out / "merged-altered", check=False)
+    assert proc.returncode == 1 and "FAILED: 1 mismatch" in proc.stdout, proc.stdout + proc.stderr
+    assert "(layer 0, expert 5)" in proc.stdout
+
+    cli("grow", "--load", out / "src", "--save", out / "merged-noisy", *flags, "--grow-seed", "7",
+        "--workers", 2, "--batch-size-mb", 0.05)
+    proc = cli("verify", "--source", out / "src", "--grown", out / "merged-noisy")
+    assert "verify: OK" in proc.stdout and "noisy copies" in proc.stdout
+    ranks("offline_roundtrip.py", 2, "compare", out / "src" / "iter_0000005", out / "merged-noisy" / "iter_0000005",
+          out / "merged-noisy", f"second={second / 'iter_0000005'}")
+
+
+def test_grow_from_second_of_another_architecture_is_refused_before_writing(grown, second):
+    out, _, _ = grown
+    flags = ["--grow-experts", "2"]
+    proc = cli("grow", "--load", out / "src", "--save", out / "never", *flags, "--grow-from-second",
+               out / "src-mixed", check=False)
+    assert proc.returncode == 2 and "--grow-from-second" in proc.stderr, proc.stderr
+    assert "not the source's architecture: tensor" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("grow", "--load", out / "src", "--save", out / "never", *flags, "--grow-from-second",
+               out / "src", check=False)
+    assert proc.returncode == 2 and "is the source checkpoint itself" in proc.stderr, proc.stderr
+    proc = cli("grow", "--load", out / "src", "--save", out / "never", "--grow-depth", "2",
+               "--grow-from-second", second, check=False)
+    assert proc.returncode == 2 and "--grow-from-second gives the expert copies" in proc.stderr, proc.stderr
+    ckpt_tools.resave(second / "iter_0000005", out / "second-no-optimizer",
+                      lambda tensors: [tensors.pop(k) for k in list(tensors) if k.startswith("optimizer.")])
+    proc = cli("grow", "--load", out / "src", "--save", out / "never", *flags, "--grow-from-second",
+               out / "second-no-optimizer", check=False)
+    assert proc.returncode == 2 and "optimizer state 'optimizer." in proc.stderr, proc.stderr
+    assert "--grow-optimizer reset" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "never").exists()
+
+
 def test_mixed_dense_moe_with_a_layer_map_grows_and_verifies(grown):
     out, _, _ = grown
     cli("grow", "--load", out / "src-mixed", "--save", out / "mixed", "--grow-layer-map", "0,1,1,2,3,3",

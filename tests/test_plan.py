@@ -132,6 +132,9 @@ def test_width_growth_of_a_dense_model_is_refused():
     (CopyInit(reinit_expert_copies=True), WidthGrowth(1), "--grow-reinit-expert-copies is a baseline"),
     (CopyInit(random_router=True, init_std=0.0), WidthGrowth(2), "--grow-init-std must be"),
     (CopyInit(init_std=0.1), WidthGrowth(2), "--grow-init-std is the std of --grow-random-router"),
+    (CopyInit(from_second=True), WidthGrowth(1), "--grow-from-second gives the expert copies"),
+    (CopyInit(from_second=True, reinit_expert_copies=True), WidthGrowth(2),
+     "--grow-from-second reads the expert copies .* draw them"),
 ])
 def test_bad_copy_init_options_name_the_flag(init, width, message):
     with pytest.raises(GrowthError, match=message):
@@ -149,7 +152,8 @@ def test_copy_init_options_refused_where_they_mean_nothing():
 
 
 @pytest.mark.parametrize("init", [CopyInit(), CopyInit(weight_multiplier=0.5, random_router=True,
-                                                       zero_expert_bias=True, init_std=0.01)])
+                                                       zero_expert_bias=True, init_std=0.01),
+                                  CopyInit(from_second=True)])
 def test_plan_round_trips_through_its_description(init):
     plan = GrowthPlan(MOE, DepthGrowth(2, skip_first=1), WidthGrowth(2, placement="interleave", seed=5), init=init)
     again = GrowthPlan.from_description(plan.describe())

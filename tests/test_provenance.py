@@ -21,6 +21,15 @@ def test_a_record_round_trips_with_its_chain():
     assert again.growth_plan() == PLAN and again.seed == 9
 
 
+def test_a_record_names_the_second_checkpoint_of_a_merge():
+    ref = SourceRef("/ckpt/other/iter_0000020", 20, metadata_sha256="ab" * 32)
+    record = Provenance(SourceRef("/ckpt/base/iter_0000010", 10), PLAN.describe(), "copy", "grown",
+                        "offline", "0.2.0", second=ref)
+    again = Provenance.of({KEY: record.to_dict()})
+    assert again.second == ref and again == record and again.summary()["second"]["iteration"] == 20
+    assert Provenance.of({KEY: dict(record.to_dict(), second=None)}).second is None
+
+
 def test_schema_1_records_of_both_writers_are_read():
     offline = {"source": "/ckpt/base/iter_0000010", "iteration": 10, "plan": PLAN.describe(),
                "seed": 9, "optimizer_policy": "copy", "optimizer": "grown", "version": "0.1.0",

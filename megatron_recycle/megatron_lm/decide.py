@@ -40,6 +40,9 @@ def requested(args) -> Optional[Growth]:
     """The growth the `--grow-*` / `--upcycle-*` flags ask for; None when none is given. Flags
     that ask for no growth are refused: the job would train on without them, silently."""
     growth = growth_from_args(args)
+    if growth.second is not None:
+        raise GrowthError("--grow-from-second: not supported inside Megatron-LM yet; grow offline "
+                          "(megatron-recycle grow --grow-from-second CKPT) and --load the grown checkpoint")
     if growth.asked:
         return growth
     if given := given_options(args):

@@ -5,6 +5,7 @@ Usage: torchrun --nproc-per-node 2 offline_roundtrip.py source OUT
        torchrun --nproc-per-node 2 offline_roundtrip.py source-listed OUT
        torchrun --nproc-per-node 2 offline_roundtrip.py source-no-extra-state OUT
        torchrun --nproc-per-node 2 offline_roundtrip.py compare SRC_ITER_DIR GROWN_ITER_DIR OUT [plain] [listed] [no-extra-state]
+                [copy-init] [second=SECOND_ITER_DIR]
 `source` writes OUT/src (scenarios.SPEC at TP2, with a model-space optimizer state) and
 OUT/src-mixed (a mixed dense/MoE model whose layers are indexed in the keys); `source-listed`
 writes OUT/src-listed (offline_specs.LISTED at EP2 with a model-space optimizer state: all-MoE,
@@ -15,7 +16,8 @@ model saved without its `_extra_state` objects, as Megatron-LM's
 loads the source through the hook at the same layouts (unless `plain`: where this
 megatron-core cannot open the source), and writes OUT/compare.json; `listed`: the models are
 LISTED and LISTED_PLAN instead of scenarios.SPEC and PLAN; `no-extra-state`: both loads ask
-for no `_extra_state` (as that flag makes Megatron-LM's load ask).
+for no `_extra_state` (as that flag makes Megatron-LM's load ask); `copy-init`: the plan is
+COPY_INIT_PLAN; `second=DIR`: SECOND_PLAN, the hook reading the expert copies from DIR.
 """
 
 import dataclasses
@@ -33,7 +35,7 @@ from megatron_recycle.testing import toy
 from megatron_recycle.load_hook import GrowthLoadStrategy
 from megatron_recycle.plan import DepthGrowth, GrowthPlan, WidthGrowth
 from offline_specs import LISTED, MIXED
-from scenarios import COPY_INIT_PLAN, PLAN, SPEC
+from scenarios import COPY_INIT_PLAN, PLAN, SECOND_PLAN, SPEC
 
 LAYOUTS = {"ep2": toy.Layout(ep=2), "tp2": toy.Layout(tp=2), "pp2": toy.Layout(pp=2)}
 # what test_offline_tools' GROW_FLAGS make of LISTED
@@ -103,7 +105,7 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
-def compare(src, grown, out, plain_only=False, spec=SPEC, plan=PLAN, extra_state=True):
+def compare(src, grown, out, plain_only=False, spec=SPEC, plan=PLAN, extra_state=True, second=None):
     rank, _ = _boot.init()
     counts = {}
 
@@ -118,7 +120,7 @@ def compare(src, grown, out, plain_only=False, spec=SPEC, plan=PLAN, extra_state
         counts[name] = len(plain)
         if plain_only:
             continue
-        hooked = dist_checkpointing.load(request(chunks), src, GrowthLoadStrategy(plan))
+        hooked = dist_checkpointing.load(request(chunks), src, GrowthLoadStrategy(plan, second=second))
         hooked = tensors(hooked)
         assert plain.keys() == hooked.keys(), (name, plain.keys() ^ hooked.keys())
         for key, t in plain.items():
@@ -145,5 +147,8 @@ if __name__ == "__main__":
         models = {"spec": LISTED, "plan": LISTED_PLAN} if "listed" in sys.argv[5:] else {}
         if "copy-init" in sys.argv[5:]:
             models = {"plan": COPY_INIT_PLAN}
+        second = [a.partition("=")[2] for a in sys.argv[5:] if a.startswith("second=")]
+        if second:
+            models = {"plan": SECOND_PLAN, "second": second[0]}
         compare(*sys.argv[2:5], plain_only="plain" in sys.argv[5:],
                 extra_state="no-extra-state" not in sys.argv[5:], **models)
