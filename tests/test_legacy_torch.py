@@ -110,6 +110,10 @@ def test_inspect_plan_and_norms_read_a_legacy_source(legacy, tmp_path):
     assert len(norms["experts"]) == 4 * 4 and (tmp_path / "expert_norms.csv").is_file()
     with pytest.raises(GrowthError, match="grow it offline"):  # not at load time
         compat.check_loadable(CheckpointInfo.read(legacy / "tp2-ep2-torch"))
+    from megatron_recycle import merge
+
+    with pytest.raises(GrowthError, match="--grow-from-second .*a legacy torch checkpoint"):  # nothing pins it
+        merge.read_second(CheckpointInfo.read(legacy / "tp2-ep2-dist"), legacy / "tp2-ep2-torch")
 
 
 def test_grown_legacy_source_keeps_the_function_in_another_layout(ranks, legacy):
