@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from . import __version__
+from . import __version__, merge
 from .errors import GrowthError
-from .io.checkpoint import CheckpointInfo, is_checkpoint_root
+from .io.checkpoint import CheckpointInfo, is_checkpoint_root, resolve
 from .options import Growth
 from .plan import Architecture, GrowthPlan
 from .policy import load_moment_policy
@@ -33,10 +33,13 @@ def has_checkpoint(root) -> bool:
 
 
 def made(growth: Growth, provenance: Optional[Provenance], source_root: str, step: Optional[int]) -> bool:
-    """Whether `provenance` records this very growth of `source_root` (at `step`)."""
+    """Whether `provenance` records this very growth of `source_root` (at `step`), with the
+    same second checkpoint (`--grow-from-second`: the iteration it names now)."""
     return (provenance is not None and provenance.source.load == source_root
             and (step is None or provenance.source.iteration == step)
-            and growth.same_plan(provenance.plan))
+            and growth.same_plan(provenance.plan)
+            and (growth.second is None or (provenance.second is not None and provenance.second.path
+                                           == real_path(resolve(growth.second, None, merge.FLAG)))))
 
 
 @dataclass
@@ -82,10 +85,23 @@ def plan_growth(request: Growth, source: Architecture) -> GrowthPlan:
     return plan
 
 
+def read_second(request: Growth, info: CheckpointInfo, optimizer_loaded: bool) -> Optional[CheckpointInfo]:
+    """The second checkpoint of `--grow-from-second` (None without it), checked against the
+    source `info`: its architecture, and its optimizer state where the source's is grown."""
+    if request.second is None:
+        return None
+    second = merge.read_second(info, request.second)
+    if optimizer_loaded:
+        merge.check_optimizer(info, second)
+    return second
+
+
 def growth_provenance(request: Growth, plan: GrowthPlan, info: CheckpointInfo, source_root: str,
-                      grown_by: str, layout: dict, optimizer_loaded: bool) -> Provenance:
+                      grown_by: str, layout: dict, optimizer_loaded: bool,
+                      second: Optional[CheckpointInfo] = None) -> Provenance:
     """The record every checkpoint of the growing job carries. `optimizer_loaded`: whether the
-    source's optimizer state is grown into the job (else it starts fresh)."""
+    source's optimizer state is grown into the job (else it starts fresh); `second`: the
+    checkpoint the expert copies come from (`read_second`)."""
     return Provenance(
         source=SourceRef(real_path(info.path), info.iteration, load=real_path(source_root)),
         plan=plan.describe(),
@@ -96,6 +112,7 @@ def growth_provenance(request: Growth, plan: GrowthPlan, info: CheckpointInfo, s
         rewarmup_iters=request.rewarmup_iters,
         layout=layout,
         previous=info.provenance,
+        second=None if second is None else merge.reference(second),
     )
 
 

@@ -185,6 +185,30 @@ def test_growing_an_offline_grown_checkpoint_reads_its_schema_1_record(ckpts):
     assert previous.source.path.endswith("base/iter_0000005")
 
 
+def test_a_second_checkpoint_is_read_checked_and_recorded_before_any_model(ckpts):
+    merge = ["--load", str(ckpts / "base"), "--grow-experts", "2", "--grow-optimizer", "reset"]
+    args, decision = configure(merge + ["--grow-from-second", str(ckpts / "base_dp")])
+    assert decision.grow and decision.plan.init.from_second and args.num_experts == 8
+    assert decision.second.path == ckpts / "base_dp" / "iter_0000005"
+    second = decision.provenance.second
+    assert second.path.endswith("base_dp/iter_0000005") and second.iteration == 5
+    assert len(second.metadata_sha256) == 64
+    with pytest.raises(GrowthError, match="--grow-from-second .*dense.*not the source's architecture"):
+        configure(merge + ["--grow-from-second", str(ckpts / "dense")])
+    with pytest.raises(GrowthError, match="--grow-from-second .*is the source checkpoint itself"):
+        configure(merge + ["--grow-from-second", str(ckpts / "base")])
+
+
+def test_requeue_resumes_a_merge_only_with_the_same_second(ckpts):
+    merge = ["--load", str(ckpts / "base"), "--grow-experts", "2", "--grow-optimizer", "reset",
+             "--save", str(ckpts / "grown_second")]
+    args, decision = configure(merge + ["--grow-from-second", str(ckpts / "base_dp")])
+    assert not decision.grow and decision.checkpoint.iteration == 7 and args.num_experts == 8
+    for other in (["--grow-from-second", str(ckpts / "listed")], []):  # another second, or none
+        with pytest.raises(GrowthError, match="--save .* already holds a checkpoint"):
+            configure(merge + other)
+
+
 def test_save_holding_another_checkpoint_is_refused(ckpts):
     with pytest.raises(GrowthError, match="--save .* already holds a checkpoint"):
         configure(grow(ckpts, "--save", str(ckpts / "grown"), "--grow-experts", "4"))

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from .. import compat, hybrid, upcycling
 from ..errors import GrowthError
 from ..growth_run import (check_optimizer_growth, find_grown, growth_notes, growth_provenance,
-                          has_checkpoint, plan_growth, real_path)
+                          has_checkpoint, plan_growth, read_second, real_path)
 from ..io.checkpoint import CheckpointInfo
 from ..options import Growth, add_growth_args, given_options, growth_from_args
 from ..plan import GrowthPlan, nothing_to_grow
@@ -40,9 +40,6 @@ def requested(args) -> Optional[Growth]:
     """The growth the `--grow-*` / `--upcycle-*` flags ask for; None when none is given. Flags
     that ask for no growth are refused: the job would train on without them, silently."""
     growth = growth_from_args(args)
-    if growth.second is not None:
-        raise GrowthError("--grow-from-second: not supported inside Megatron-LM yet; grow offline "
-                          "(megatron-recycle grow --grow-from-second CKPT) and --load the grown checkpoint")
     if growth.asked:
         return growth
     if given := given_options(args):
@@ -62,6 +59,7 @@ class Decision:
     provenance: Provenance  # written into the common state of every checkpoint this job saves
     updates: dict[str, Any]  # the Megatron-LM args set from the plan
     notes: list[str]
+    second: Optional[CheckpointInfo] = None  # --grow-from-second, when growing
 
 
 def explicit_dests(args, parser: argparse.ArgumentParser) -> set[str]:
@@ -221,9 +219,12 @@ def _grow_decision(args, request: Growth) -> Decision:
     layout = {"tensor_model_parallel_size": args.tensor_model_parallel_size,
               "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
               "expert_model_parallel_size": args.expert_model_parallel_size}
+    optimizer_loaded = request.optimizer != "reset"
+    second = read_second(request, info, optimizer_loaded)
     provenance = growth_provenance(request, plan, info, args.load, "megatron-lm", layout,
-                                   optimizer_loaded=request.optimizer != "reset")
-    return Decision(True, plan, request, info, args.load, provenance, {}, growth_notes(info, plan))
+                                   optimizer_loaded, second)
+    return Decision(True, plan, request, info, args.load, provenance, {}, growth_notes(info, plan),
+                    second)
 
 
 def source_architecture(info: CheckpointInfo, args):

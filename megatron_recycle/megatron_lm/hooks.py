@@ -84,9 +84,11 @@ class Integration:
             if self.growing:
                 from ..load_hook import GrowthLoadStrategy
 
+                second = self.decision.second
                 return GrowthLoadStrategy(self.decision.plan,
                                           optimizer_policy=self.decision.request.optimizer,
-                                          source=self.decision.checkpoint.path)
+                                          source=self.decision.checkpoint.path,
+                                          second=None if second is None else second.path)
             return original(*args, **kwargs)
 
         return load_strategy

@@ -1,5 +1,6 @@
 """Checkpoints for the Megatron-LM adapter tests: a base, a dense one, the base with a
-dp_reshardable optimizer tag, a grown one carrying the provenance the adapter records, one grown offline
+dp_reshardable optimizer tag, a grown one carrying the provenance the adapter records (and one
+grown with --grow-from-second base_dp), one grown offline
 (schema-1 record, as megatron-recycle 0.1 wrote it), a root grown in place (--save =
 --load: base at iteration 5, grown at 7), the base saved without `args` in its common state,
 and an all-MoE base saved with `moe_layer_freq` as a list (layers keyed by index).
@@ -33,6 +34,11 @@ def main(out):
     decision = megatron_lm.configure(args, explicit)
     ckpt_tools.save_source(SPEC.grown(decision.plan), toy.Layout(), f"{out}/grown", 7,
                            **{PROVENANCE_KEY: decision.provenance.to_dict()})
+    args, explicit = parse(["--load", f"{out}/base", "--grow-experts", "2", "--grow-optimizer", "reset",
+                            "--grow-from-second", f"{out}/base_dp"])
+    merged = megatron_lm.configure(args, explicit)
+    ckpt_tools.save_source(SPEC.grown(merged.plan), toy.Layout(), f"{out}/grown_second", 7,
+                           **{PROVENANCE_KEY: merged.provenance.to_dict()})
     offline_record = {"source": f"{out}/base/iter_0000005", "iteration": 5,
                       "plan": decision.plan.describe(), "seed": 1234, "optimizer_policy": "reset",
                       "optimizer": "dropped", "version": "0.1.0", "previous": None}
