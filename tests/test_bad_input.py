@@ -133,15 +133,6 @@ def test_offline_and_megatron_lm_refuse_an_identity_grow_alike(offline_sources, 
     assert f"error: {e.value}" in capsys.readouterr().err
 
 
-def test_grow_from_second_is_refused_for_hugging_face_checkpoints(tmp_path):
-    import argparse
-
-    from megatron_recycle.hf.commands import grow as grow_hf
-
-    with pytest.raises(GrowthError, match="--grow-from-second: not supported for Hugging Face checkpoints yet"):
-        grow_hf(argparse.Namespace(grow_from_second=str(tmp_path)), 1 << 20)
-
-
 def test_expert_targets_invert_expert_source():
     from megatron_recycle.plan import Architecture, GrowthPlan, Upcycling, WidthGrowth
 

@@ -231,6 +231,49 @@ def test_verify_catches_an_edit_and_inspect_plan_read_hf(sources, tmp_path, caps
     assert report["after"]["params"] > report["before"]["params"]
 
 
+def test_grow_from_second_reads_the_new_experts_from_it_and_verifies(tmp_path, capsys):
+    """Checkpoint merging on DeepSeek-V3 (grouped routing, a score-correction bias): experts
+    E..2E-1, their router rows and bias from the second, 0..E-1 the first's; verify reads the
+    second the record names, catches an edit; a second of another precision is refused."""
+    first, second, dst = tmp_path / "first", tmp_path / "second", tmp_path / "dst"
+    build("deepseek_v3", first)
+    build("deepseek_v3", second, seed=1)
+    args = ["--grow-experts", "2", "--grow-expert-placement", "interleave", "--grow-noise-alpha", "0",
+            "--grow-from-second", str(second)]
+    assert cli.main(["grow", "--load", str(first), "--save", str(dst)] + args) == 0
+    a, b, g = (load_file(p / "model.safetensors") for p in (first, second, dst))
+    plan = GrowthPlan(Architecture(num_layers=3, num_experts=4, topk=2),
+                      width=WidthGrowth(2, placement="interleave"))
+    for layer in (1, 2):
+        mlp = f"model.layers.{layer}.mlp"
+        for target in range(8):
+            expert, copy = plan.expert_source(target)
+            want = (b if copy else a)[f"{mlp}.experts.{expert}.down_proj.weight"]
+            assert torch.equal(g[f"{mlp}.experts.{target}.down_proj.weight"], want), (layer, target)
+            for router in ("gate.weight", "gate.e_score_correction_bias"):
+                assert torch.equal(g[f"{mlp}.{router}"][target], (b if copy else a)[f"{mlp}.{router}"][expert])
+    assert not torch.equal(a["model.layers.1.mlp.gate.weight"], b["model.layers.1.mlp.gate.weight"])
+    record = json.loads((dst / hf_io.RECORD).read_text())
+    assert record["second"]["path"] == str(second.resolve())
+    assert cli.main(["verify", "--source", str(first), "--grown", str(dst)]) == 0
+    noisy = [a if a != "0" else "0.01" for a in args]  # noise with the second's sigma, regenerated
+    assert cli.main(["grow", "--load", str(first), "--save", str(tmp_path / "noisy")] + noisy) == 0
+    assert cli.main(["verify", "--source", str(first), "--grown", str(tmp_path / "noisy")]) == 0
+    capsys.readouterr()
+    name = "model.layers.2.mlp.experts.5.down_proj.weight"
+    g[name][3, 7] += 1e-3
+    save_file(g, dst / "model.safetensors", metadata={"format": "pt"})
+    assert cli.main(["verify", "--source", str(first), "--grown", str(dst)]) == 1
+    assert name in capsys.readouterr().out
+    other = load_file(second / "model.safetensors")
+    other["model.norm.weight"] = other["model.norm.weight"].half()
+    save_file(other, second / "model.safetensors", metadata={"format": "pt"})
+    assert cli.main(["grow", "--load", str(first), "--save", str(tmp_path / "never")] + args) == 2
+    err = capsys.readouterr().err
+    assert "--grow-from-second" in err and "'model.norm.weight'" in err and "precision" in err, err
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("dense,flags", [
     ("qwen3", ["--upcycle-experts", "4", "--upcycle-topk", "2", "--upcycle-granularity", "2",
                "--upcycle-layers", "1,0,1", "--grow-depth", "2", "--grow-zero-init-copies"]),

@@ -11,10 +11,11 @@ the plan's, the copied tokenizer and generation files equal to the source's.
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 from typing import Optional
 
-from .. import cost, verify
+from .. import cost, merge, verify
 from ..errors import GrowthError
 from ..io import hf as hf_io
 from ..manifest import Piece
@@ -39,6 +40,8 @@ def verify_grown(source_path, grown_path, growth: Optional[Growth] = None) -> ve
     report = verify.Report()
     if recorded is not None and recorded != plan:
         report.mismatches.append(f"{hf_io.RECORD}: the growth record's plan differs from the plan checked")
+    second = _second(source, grown, plan, growth, report)
+    read = hf_grow.reader(source, second)
     _check_files(source, grown, plan, report)
     tensors = target_tensors(source.view, plan, source.family)
     want = {t.name: (t.shape, t.dtype) for t in tensors}
@@ -59,8 +62,9 @@ def verify_grown(source_path, grown_path, growth: Optional[Growth] = None) -> ve
         for unit in tensor.units:
             exp = verify.expectation(plan, Piece(unit.box(), tensor.dtype, ()), source.view.shapes, "copy")
             boxes = ({exp.source} if exp.source is not None else set()) | (
+                {exp.second} if exp.second is not None else set()) | (
                 {verify._sigma_unit(shapes, exp)} if exp.noisy else set())
-            sources = {b: source.view.read(b) for b in boxes}
+            sources = {b: read(b) for b in boxes}
             got = to_megatron(unit.layout, data if unit.expert is None else data[unit.expert])
             report.pieces += 1
             problem = verify._check_piece(got, sources, exp, plan, shapes, report)
@@ -69,7 +73,27 @@ def verify_grown(source_path, grown_path, growth: Optional[Growth] = None) -> ve
                 report.mismatches.append(f"{tensor.name}{where}{verify._where(exp)}: {problem}")
     grown.close()
     source.ckpt.close()
+    if second is not None:
+        second.ckpt.close()
     return report
+
+
+def _second(source, grown: hf_io.HFCheckpoint, plan: GrowthPlan, growth: Optional[Growth],
+            report: verify.Report):
+    """The second checkpoint the plan reads expert copies from: `--grow-from-second`, else
+    the one the growth record names; a record naming another is reported."""
+    if not plan.init.from_second:
+        return None
+    named = None if grown.record is None else (grown.record.get("second") or {}).get("path")
+    given = None if growth is None else growth.second
+    if given is None and named is None:
+        raise GrowthError(f"--grown {grown.path}: its plan reads expert copies from a second checkpoint "
+                          f"and its record names none; pass {merge.FLAG}")
+    second = hf_grow.read_second(source, given or named, plan.upcycle.active)
+    if named is not None and named != os.path.realpath(second.ckpt.path):
+        report.mismatches.append(f"{hf_io.RECORD}: the growth record names the second checkpoint {named}, "
+                                 f"{merge.FLAG} is {os.path.realpath(second.ckpt.path)}")
+    return second
 
 
 def _check_files(source, grown: hf_io.HFCheckpoint, plan: GrowthPlan, report: verify.Report) -> None:

@@ -17,9 +17,6 @@ def _single_process(args, what: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise GrowthError(f"{what}: Hugging Face checkpoints are grown in one process; run it without "
                           "torchrun/srun")
-    if getattr(args, "grow_from_second", None) is not None:
-        raise GrowthError("--grow-from-second: not supported for Hugging Face checkpoints yet; grow "
-                          "Megatron torch_dist checkpoints with it")
     if getattr(args, "workers", 1) != 1:
         raise GrowthError("--workers: Hugging Face checkpoints are grown in one process; drop it")
 

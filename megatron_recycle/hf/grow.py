@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import __version__, ops
+from .. import __version__, merge, ops
 from ..cost import human
 from ..errors import GrowthError
 from ..io import hf as hf_io
@@ -75,6 +75,38 @@ def read_source(path, upcycle: bool, flag: str = "--load") -> Source:
     return Source(ckpt, family, arch, SourceView(ckpt, family))
 
 
+def read_second(source: Source, path, upcycle: bool) -> Source:
+    """The second checkpoint of `--grow-from-second`, checked to be `source`'s model: the same
+    family and architecture, the same tensor names, shapes and dtypes (copies are not cast)."""
+    second = read_source(path, upcycle, merge.FLAG)
+    if os.path.realpath(second.ckpt.path) == os.path.realpath(source.ckpt.path):
+        raise GrowthError(f"{merge.FLAG} {path}: is the source checkpoint itself; give another "
+                          "checkpoint (without it the copies are the source's experts)")
+    if (second.family.name, second.architecture) != (source.family.name, source.architecture):
+        raise GrowthError(f"{merge.FLAG} {second.ckpt.path}: not the source's model: "
+                          f"{second.family.name} {second.architecture} there, {source.family.name} "
+                          f"{source.architecture} in the source {source.ckpt.path}")
+    mine, theirs = source.ckpt, second.ckpt
+    for name in sorted(mine.shapes.keys() | theirs.shapes.keys()):
+        have = (theirs.shapes.get(name), theirs.dtypes.get(name))
+        want = (mine.shapes.get(name), mine.dtypes.get(name))
+        if have != want:
+            raise GrowthError(f"{merge.FLAG} {second.ckpt.path}: tensor {name!r} is {_described(have)} "
+                              f"there, {_described(want)} in the source {source.ckpt.path}; give a "
+                              "checkpoint of the same model in the source's precision")
+    return second
+
+
+def _described(shape_dtype) -> str:
+    shape, dtype = shape_dtype
+    return "absent" if shape is None else f"{tuple(shape)} {dtype}"
+
+
+def reader(source: Source, second: Optional[Source]) -> Callable:
+    """Box → data, from the second checkpoint's view where the box is the second's."""
+    return lambda box: (second if box.second else source).view.read(box)
+
+
 def dense_hidden(source: Source) -> int:
     return int(source.ckpt.config["intermediate_size"])
 
@@ -85,13 +117,14 @@ def grown_config(source: Source, plan: GrowthPlan, notes: list[str]) -> dict:
     return families.grown_config(source.family, source.ckpt.config, plan, notes)
 
 
-def record(source: Source, plan: GrowthPlan, notes: list[str]) -> dict:
+def record(source: Source, plan: GrowthPlan, notes: list[str], second: Optional[Source] = None) -> dict:
     """The growth record (`megatron_recycle.json`): the growth record of a Megatron checkpoint,
     and the family, format and notes."""
     previous = None if source.ckpt.record is None else Provenance.from_dict(source.ckpt.record)
     provenance = Provenance(source=SourceRef(os.path.realpath(source.ckpt.path), None), plan=plan.describe(),
                             optimizer_policy="reset", optimizer="none", grown_by="offline",
-                            version=__version__, previous=previous)
+                            version=__version__, previous=previous,
+                            second=None if second is None else SourceRef(os.path.realpath(second.ckpt.path), None))
     return {**provenance.to_dict(), "format": "huggingface", "family": source.family.name, "notes": notes}
 
 
@@ -108,13 +141,16 @@ def batches(tensors: list[TargetTensor], max_bytes: int) -> list[list[TargetTens
     return out
 
 
-def grow_tensors(source: Source, plan: GrowthPlan, batch: list[TargetTensor]) -> dict[str, torch.Tensor]:
-    """Make one batch of grown tensors with the engine's mapping and operators."""
+def grow_tensors(source: Source, plan: GrowthPlan, batch: list[TargetTensor],
+                 second: Optional[Source] = None) -> dict[str, torch.Tensor]:
+    """Make one batch of grown tensors with the engine's mapping and operators; `second`: the
+    checkpoint of `--grow-from-second`, which the boxes marked `second` are read from."""
     sigmas: dict = {}
+    read = reader(source, second)
 
     def sigma_of(unit_box):
         if unit_box not in sigmas:
-            sigmas[unit_box] = ops.sigma(source.view.read(unit_box))
+            sigmas[unit_box] = ops.sigma(read(unit_box))
         return sigmas[unit_box]
 
     out = {}
@@ -124,13 +160,16 @@ def grow_tensors(source: Source, plan: GrowthPlan, batch: list[TargetTensor]) ->
             fill = map_shard(plan, source.view.shapes, unit.key, unit.global_shape, unit.global_offset,
                              unit.local_shape, unit.prepend, "copy")
             region = data if unit.expert is None else data[unit.expert]
-            values = None if fill.source is None or fill.zero else source.view.read(fill.source)
+            values = None if fill.source is None or fill.zero else read(fill.source)
+            rows = None if fill.second is None or fill.zero else read(fill.second)
             made = torch.empty(unit.local_shape, dtype=tensor.dtype) if unit.layout else region
-            ops.fill_shard(made, fill, values, sigma_of, plan.width.noise_alpha, plan.width.seed)
+            ops.fill_shard(made, fill, values, sigma_of, plan.width.noise_alpha, plan.width.seed, rows)
             if unit.layout:
                 region.copy_(to_hf(unit.layout, made))
         out[tensor.name] = data
-    source.ckpt.close()  # unmaps the source files: their pages do not pile up batch after batch
+    for checkpoint in (source, second):  # unmaps their files: the pages do not pile up batch after batch
+        if checkpoint is not None:
+            checkpoint.ckpt.close()
     return out
 
 
@@ -143,6 +182,7 @@ class Prepared:
     notes: list[str]
     config: dict  # the grown config.json
     tensors: list[TargetTensor]
+    second: Optional[Source] = None  # --grow-from-second
 
     @property
     def nbytes(self) -> int:
@@ -152,14 +192,15 @@ class Prepared:
 def prepare(load, growth: Growth, flag: str = "--load") -> Prepared:
     source = read_source(load, growth.upcycle.active, flag)
     plan = growth.plan(source.architecture)
+    second = None if growth.second is None else read_second(source, growth.second, growth.upcycle.active)
     notes = list(plan.exactness_notes())
     config = grown_config(source, plan, notes)
-    return Prepared(source, plan, notes, config, target_tensors(source.view, plan, source.family))
+    return Prepared(source, plan, notes, config, target_tensors(source.view, plan, source.family), second)
 
 
 def grown_state_dict(prepared: Prepared) -> dict[str, torch.Tensor]:
     """Every grown tensor, in memory, under its Hugging Face name: what `grow` writes."""
-    return grow_tensors(prepared.source, prepared.plan, prepared.tensors)
+    return grow_tensors(prepared.source, prepared.plan, prepared.tensors, prepared.second)
 
 
 def describe(prepared: Prepared) -> str:
@@ -203,13 +244,13 @@ def grow(load, save, growth: Growth = Growth(), overwrite: bool = False, batch_b
         destination.check_space(total)
         weight_map = {}
         for number, batch in enumerate(work):
-            grown = grow_tensors(source, plan, batch)
+            grown = grow_tensors(source, plan, batch, prepared.second)
             name = hf_io.write_shard(destination.staging, number, len(work), grown)
             weight_map.update({t: name for t in grown})
             del grown
             log(f"grow: shard {number + 1}/{len(work)} written, {time.monotonic() - start:.0f} s elapsed")
         hf_io.finish(destination.staging, source.ckpt, weight_map, total, prepared.config,
-                     record(source, plan, notes))
+                     record(source, plan, notes, prepared.second))
         destination.commit()
     source.ckpt.close()
     for note in notes:
