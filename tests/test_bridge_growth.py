@@ -160,6 +160,10 @@ def test_growth_overrides():
                                             init_std=0.01)
     with pytest.raises(GrowthError, match="--grow-reinit-expert-copies is a baseline of expert growth"):
         GrowthConfig(depth=2, reinit_expert_copies=True).growth().plan(Architecture(2, 4, 2))
+    growth, _ = split_overrides(["growth.experts=2", "growth.from_second=runs/0005"])  # a path, not YAML's 5
+    assert growth.from_second == "runs/0005" and growth.given() == ["growth.experts", "growth.from_second"]
+    merge = growth.growth()
+    assert merge.second == "runs/0005" and merge.init.from_second
     from megatron_recycle.bridge import decide
 
     assert decide.configure(None, GrowthConfig()) is None  # no growth configured: Bridge as it is

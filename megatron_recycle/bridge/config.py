@@ -42,6 +42,7 @@ class GrowthConfig:
     init_std: float = 0.02  # --grow-init-std: the baselines' N(0, std^2)
     optimizer: str = "copy"  # --grow-optimizer: copy / zero / reset
     rewarmup_iters: int = 0  # --grow-rewarmup-iters
+    from_second: Optional[str] = None  # --grow-from-second: the checkpoint the expert copies come from
 
     def growth(self) -> Growth:
         """The engine's options; GrowthError names the field if one is not valid."""
@@ -93,6 +94,8 @@ def _parse(name: str, text: str, default):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    if name == "from_second":  # a path, as given (YAML would read 0005 as a number)
+        return text
     want = type(default) if default is not None else list
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -20,7 +20,7 @@ from typing import Optional
 from .. import compat
 from ..errors import GrowthError
 from ..growth_run import (check_optimizer_growth, find_grown, growth_notes, growth_provenance,
-                          has_checkpoint, plan_growth, real_path)
+                          has_checkpoint, plan_growth, read_second, real_path)
 from ..io.checkpoint import CheckpointInfo
 from ..options import Growth
 from ..plan import GrowthPlan, nothing_to_grow
@@ -41,6 +41,7 @@ class Decision:
     weights_only: bool  # grown from checkpoint.pretrained_checkpoint: a fresh train state
     provenance: Provenance  # recorded in every checkpoint this run saves
     notes: list[str] = field(default_factory=list)
+    second: Optional[CheckpointInfo] = None  # growth.from_second, when growing
 
 
 def configure(cfg, growth: GrowthConfig) -> Optional[Decision]:
@@ -109,11 +110,12 @@ def _grow_decision(cfg, request: Growth) -> Decision:
     model = cfg.model
     layout = {name: getattr(model, name) for name in (
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")}
-    provenance = growth_provenance(request, plan, info, source, GROWN_BY, layout, optimizer_loaded)
+    second = read_second(request, info, optimizer_loaded)
+    provenance = growth_provenance(request, plan, info, source, GROWN_BY, layout, optimizer_loaded, second)
     notes = growth_notes(info, plan) + [
         f"{setting}: " + ("weights only, a fresh train state and optimizer" if weights_only else
                           "the train state carries over")]
-    return Decision(True, plan, request, info, weights_only, provenance, notes)
+    return Decision(True, plan, request, info, weights_only, provenance, notes, second)
 
 
 def set_model_sizes(model, plan: GrowthPlan) -> None:
