@@ -3,6 +3,7 @@ configs (no downloads), grown offline, loaded back with AutoModelForCausalLM.fro
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -259,7 +260,11 @@ def test_grow_from_second_reads_the_new_experts_from_it_and_verifies(tmp_path, c
     noisy = [a if a != "0" else "0.01" for a in args]  # noise with the second's sigma, regenerated
     assert cli.main(["grow", "--load", str(first), "--save", str(tmp_path / "noisy")] + noisy) == 0
     assert cli.main(["verify", "--source", str(first), "--grown", str(tmp_path / "noisy")]) == 0
+    shutil.copytree(second, tmp_path / "copy")  # the same tensors elsewhere: the record names another
+    given = args[:-1] + [str(tmp_path / "copy")]
     capsys.readouterr()
+    assert cli.main(["verify", "--source", str(first), "--grown", str(dst)] + given) == 1
+    assert "the growth record names the second checkpoint" in capsys.readouterr().out
     name = "model.layers.2.mlp.experts.5.down_proj.weight"
     g[name][3, 7] += 1e-3
     save_file(g, dst / "model.safetensors", metadata={"format": "pt"})
