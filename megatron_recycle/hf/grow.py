@@ -118,13 +118,13 @@ def grown_config(source: Source, plan: GrowthPlan, notes: list[str]) -> dict:
 
 
 def record(source: Source, plan: GrowthPlan, notes: list[str], second: Optional[Source] = None) -> dict:
-    """The growth record (`megatron_recycle.json`): the growth record of a Megatron checkpoint,
-    and the family, format and notes."""
+    """The growth record (`megatron_recycle.json`): the growth record of a Megatron checkpoint
+    (naming the `--grow-from-second` checkpoint), and the family, format and notes."""
     previous = None if source.ckpt.record is None else Provenance.from_dict(source.ckpt.record)
+    merged = None if second is None else SourceRef(os.path.realpath(second.ckpt.path), None)
     provenance = Provenance(source=SourceRef(os.path.realpath(source.ckpt.path), None), plan=plan.describe(),
                             optimizer_policy="reset", optimizer="none", grown_by="offline",
-                            version=__version__, previous=previous,
-                            second=None if second is None else SourceRef(os.path.realpath(second.ckpt.path), None))
+                            version=__version__, previous=previous, second=merged)
     return {**provenance.to_dict(), "format": "huggingface", "family": source.family.name, "notes": notes}
 
 
