@@ -420,7 +420,7 @@ def setup(args) -> Run:
     layout = layout_from(args)
     if args.grow_from:
         info = CheckpointInfo.read(args.grow_from, flag="--grow-from")
-        compat.check_loadable(info.path, "--grow-from")
+        compat.check_loadable(info, "--grow-from")
         plan = growth_from_args(args).plan(info.architecture())
         spec = spec_from(info.args).grown(plan)
         plan.check_target(expert_parallel=layout.ep, pipeline_parallel=layout.pp)
