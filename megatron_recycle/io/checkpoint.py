@@ -84,8 +84,8 @@ def is_checkpoint_root(path: Path) -> bool:
 
 
 def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--load") -> Path:
-    """The iteration directory of `path` (a root or an iteration dir), checked to be torch_dist
-    or legacy torch (`io.legacy_torch`)."""
+    """The iteration directory of `path` (a root or an iteration dir), checked to be torch_dist,
+    Megatron-FSDP's fsdp_dtensor (`io.fsdp_dtensor`) or legacy torch (`io.legacy_torch`)."""
     from .legacy_torch import is_legacy_iteration
 
     p = Path(path)
@@ -119,9 +119,9 @@ def resolve(path: str | os.PathLike, step: Optional[int] = None, flag: str = "--
         return ckpt
     if not meta.exists():
         raise GrowthError(
-            f"{flag} {ckpt}: no metadata.json, so not a distributed (torch_dist) checkpoint, and "
-            "no mp_rank_*/model_optim_rng.pt (a legacy torch one); point it at a Megatron "
-            "checkpoint"
+            f"{flag} {ckpt}: no metadata.json, so not a distributed (torch_dist) checkpoint, no "
+            "torch DCP .metadata (an fsdp_dtensor one) and no mp_rank_*/model_optim_rng.pt (a "
+            "legacy torch one); point it at a Megatron checkpoint"
         )
     try:
         backend = json.loads(meta.read_text()).get("sharded_backend")
