@@ -7,9 +7,14 @@
 #   bash scripts/test.sh [PYTEST ARGS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh 0.19 >/dev/null
-bash scripts/setup_venv.sh 0.16 >/dev/null
-bash scripts/setup_venv.sh bridge >/dev/null
+# The installs wait mostly on the disk and the package index, so they overlap: both lines' venvs
+# at once, then the Bridge venv while the first line's tests run (its log is printed if it fails).
+logs=$(mktemp -d)
+setup() { bash scripts/setup_venv.sh "$1" >"$logs/$1.log" 2>&1 || { cat "$logs/$1.log" >&2; return 1; }; }
+setup 0.19 & first=$!
+setup 0.16 & second=$!
+wait "$first"; wait "$second"
+setup bridge & bridge=$!
 status=0
 for run in ".venv .venv-mcore0.16" ".venv-mcore0.16 .venv"; do
   read -r venv other <<<"$run"
@@ -18,6 +23,8 @@ for run in ".venv .venv-mcore0.16" ".venv-mcore0.16 .venv"; do
   MEGATRON_RECYCLE_OTHER_PYTHON="$PWD/$other/bin/python" "$venv/bin/python" -m pytest tests -q "$@" \
     || status=1
 done
+wait "$bridge"
 echo "=== megatron-bridge 0.6.2, lm-eval 0.4.13 (.venv-bridge)"
 .venv-bridge/bin/python -m pytest tests/test_bridge*.py tests/test_hf_eval.py -q "$@" || status=1
+rm -rf "$logs"
 exit $status
