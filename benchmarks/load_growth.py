@@ -7,9 +7,10 @@
 For each source size: (a) plain megatron-core load of a grown-shape checkpoint into layout
 EP = ranks; (b) the same target loaded from the source through GrowthLoadStrategy (depth x2,
 experts x2, alpha 0.01; and at alpha 0, to separate the noise's cost). Times: min / median /
-max over interleaved repeats in one run (slowest rank each). Memory: a fresh process runs
-(b) once; peak RSS minus the interpreter's RSS before any tensor, over the rank's own grown
-shard bytes. `--profile` runs (b) once more under cProfile on every rank and prints each rank's
+max over interleaved repeats in one run (slowest rank each); CPU s: the busiest rank's CPU time
+(all its threads), which holds better than wall time on a machine others load too. Memory: a
+fresh process runs (b) once; peak RSS minus the interpreter's RSS before any tensor, over the
+rank's own grown shard bytes. `--profile` runs (b) once more under cProfile on every rank and prints each rank's
 top functions by own time (torch kernels show as their Python calls). `--keep DIR` keeps the
 checkpoints in DIR and reuses them on the next run. Prints a table and writes JSON (default
 benchmarks/results/load_growth.json; not with --profile).
@@ -94,16 +95,20 @@ def rank_main(args):
         toy.save_checkpoint(grown.parent, 1, target)
     elif args.phase == "time":
         target = synthetic_moe.state_dict(grown_shape(shape), rank, world, random=False)
-        times = {"plain": [], "grow": [], "grow_alpha0": []}
+        names = ("plain", "grow", "grow_alpha0")
+        times = {name: [] for name in names} | {f"{name}_cpu": [] for name in names}
         for _ in range(args.repeats):
             for name, path, strategy in (("plain", grown, None), ("grow", src, GrowthLoadStrategy(plan)),
                                          ("grow_alpha0", src, GrowthLoadStrategy(plan_for(shape, 0.0)))):
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 dist_checkpointing.load(target, str(path), strategy)
                 elapsed = torch.tensor(time.perf_counter() - start)
+                cpu = torch.tensor(time.process_time() - cpu)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
                 times[name].append(float(elapsed))
+                times[f"{name}_cpu"].append(float(cpu))
         result = times
     elif args.phase == "memory":
         baseline = psutil.Process().memory_info().rss
@@ -189,6 +194,9 @@ def measure(gb: float, ranks: int, repeats: int, work: Path) -> dict:
         "grow_alpha0_s": grow0,
         "grow_alpha0_over_plain": grow0 / plain,
         "spread_s": stats,
+        "plain_cpu_s": stats["plain_cpu"]["median"],
+        "grow_cpu_s": stats["grow_cpu"]["median"],
+        "grow_alpha0_cpu_s": stats["grow_alpha0_cpu"]["median"],
         "own_shard_gb": worst["own"] / 2**30,
         "interpreter_gb": worst["baseline"] / 2**30,
         "peak_rss_gb": worst["peak"] / 2**30,
@@ -248,14 +256,17 @@ def main():
     if args.profile:
         return
     header = ("source GB", "grown GB", "plain s (a) min/med/max", "grow s (b) min/med/max", "b/a",
-              "b/a at alpha 0", "own GB/rank", "interp. GB", "peak GB", "(peak-interp)/own")
+              "b/a at alpha 0", "CPU s/rank a / b / b at alpha 0", "own GB/rank", "interp. GB", "peak GB",
+              "(peak-interp)/own")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         plain, grow = (r["spread_s"][k] for k in ("plain", "grow"))
         print(f"| {r['source_gb']:.2f} | {r['grown_gb']:.2f} | "
               f"{plain['min']:.2f} / {plain['median']:.2f} / {plain['max']:.2f} | "
               f"{grow['min']:.2f} / {grow['median']:.2f} / {grow['max']:.2f} | {r['grow_over_plain']:.2f} | "
-              f"{r['grow_alpha0_over_plain']:.2f} | {r['own_shard_gb']:.2f} | "
+              f"{r['grow_alpha0_over_plain']:.2f} | "
+              f"{r['plain_cpu_s']:.2f} / {r['grow_cpu_s']:.2f} / {r['grow_alpha0_cpu_s']:.2f} | "
+              f"{r['own_shard_gb']:.2f} | "
               f"{r['interpreter_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['rss_over_own']:.2f} |")
     summary = {
         "ranks": args.ranks, "repeats": args.repeats, "rows": rows,
