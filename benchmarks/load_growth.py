@@ -1,13 +1,19 @@
 """Load-time growth vs a plain load of a checkpoint of the grown shape, and memory per rank.
 
     python benchmarks/load_growth.py [--sizes-gb 0.5 1 2] [--ranks 2] [--repeats 3]
+    python benchmarks/load_growth.py --quick      # 1 GB only
+    python benchmarks/load_growth.py --quick --profile   # where the hook's time goes, per rank
 
 For each source size: (a) plain megatron-core load of a grown-shape checkpoint into layout
 EP = ranks; (b) the same target loaded from the source through GrowthLoadStrategy (depth x2,
-experts x2, alpha 0.01; and at alpha 0, to separate the noise's cost). Times are
-medians over interleaved repeats in one run (slowest rank each). Memory: a fresh process runs
-(b) once; peak RSS minus the interpreter's RSS before any tensor, over the rank's own grown
-shard bytes. Prints a table and writes JSON (default benchmarks/results/load_growth.json).
+experts x2, alpha 0.01; and at alpha 0, to separate the noise's cost). Times: min / median /
+max over interleaved repeats in one run (slowest rank each); CPU s: the busiest rank's CPU time
+(all its threads), which holds better than wall time on a machine others load too. Memory: a
+fresh process runs (b) once; peak RSS minus the interpreter's RSS before any tensor, over the
+rank's own grown shard bytes. `--profile` runs (b) once more under cProfile on every rank and prints each rank's
+top functions by own time (torch kernels show as their Python calls). `--keep DIR` keeps the
+checkpoints in DIR and reuses them on the next run. Prints a table and writes JSON (default
+benchmarks/results/load_growth.json; not with --profile).
 """
 
 from __future__ import annotations
@@ -89,16 +95,20 @@ def rank_main(args):
         toy.save_checkpoint(grown.parent, 1, target)
     elif args.phase == "time":
         target = synthetic_moe.state_dict(grown_shape(shape), rank, world, random=False)
-        times = {"plain": [], "grow": [], "grow_alpha0": []}
+        names = ("plain", "grow", "grow_alpha0")
+        times = {name: [] for name in names} | {f"{name}_cpu": [] for name in names}
         for _ in range(args.repeats):
             for name, path, strategy in (("plain", grown, None), ("grow", src, GrowthLoadStrategy(plan)),
                                          ("grow_alpha0", src, GrowthLoadStrategy(plan_for(shape, 0.0)))):
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 dist_checkpointing.load(target, str(path), strategy)
                 elapsed = torch.tensor(time.perf_counter() - start)
+                cpu = torch.tensor(time.process_time() - cpu)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
                 times[name].append(float(elapsed))
+                times[f"{name}_cpu"].append(float(cpu))
         result = times
     elif args.phase == "memory":
         baseline = psutil.Process().memory_info().rss
@@ -110,6 +120,20 @@ def rank_main(args):
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         result = {"baseline": baseline, "peak": peak, "own": synthetic_moe.shard_bytes(target)}
+    elif args.phase == "profile":
+        import cProfile
+        import io
+        import pstats
+
+        target = synthetic_moe.state_dict(grown_shape(shape), rank, world, random=False)
+        dist_checkpointing.load(target, str(src), GrowthLoadStrategy(plan))  # warm, as the timed loads are
+        dist.barrier()
+        profile, start = cProfile.Profile(), time.perf_counter()
+        profile.runcall(dist_checkpointing.load, target, str(src), GrowthLoadStrategy(plan))
+        elapsed = time.perf_counter() - start
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
+        result = {"rank": rank, "seconds": elapsed, "profile": text.getvalue()}
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0 and args.result:
@@ -129,21 +153,37 @@ def launch(ranks: int, *args) -> None:
         sys.exit(f"benchmark ranks failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
 
 
-def measure(gb: float, ranks: int, repeats: int, workdir: Path) -> dict:
+def checkpoints(gb: float, ranks: int, workdir: Path, keep: bool) -> Path:
+    """A directory holding the source and grown checkpoints of this size (kept ones reused)."""
+    if not keep:
+        work = Path(tempfile.mkdtemp(dir=workdir))
+    else:
+        work = workdir / f"ranks{ranks}-gb{gb:g}"
+        if (work / "made").exists():
+            return work
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    launch(ranks, "--phase", "source", "--gb", gb, "--work", work)
+    launch(ranks, "--phase", "grown", "--gb", gb, "--work", work)
+    (work / "made").touch()
+    return work
+
+
+def spread(times: list[float]) -> dict:
+    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+
+
+def measure(gb: float, ranks: int, repeats: int, work: Path) -> dict:
     shape = shape_for(gb)
-    work = Path(tempfile.mkdtemp(dir=workdir))
-    try:
-        res = work / "result.json"
-        launch(ranks, "--phase", "source", "--gb", gb, "--work", work)
-        launch(ranks, "--phase", "grown", "--gb", gb, "--work", work)
-        launch(ranks, "--phase", "time", "--gb", gb, "--work", work, "--repeats", repeats, "--result", res)
-        times = json.loads(res.read_text())[0]
-        launch(ranks, "--phase", "memory", "--gb", gb, "--work", work, "--result", res)
-        mem = json.loads(res.read_text())
-    finally:
-        shutil.rmtree(work)
-    plain, grow = statistics.median(times["plain"]), statistics.median(times["grow"])
-    grow0 = statistics.median(times["grow_alpha0"])
+    res = work / "result.json"
+    launch(ranks, "--phase", "time", "--gb", gb, "--work", work, "--repeats", repeats, "--result", res)
+    times = json.loads(res.read_text())[0]
+    launch(ranks, "--phase", "memory", "--gb", gb, "--work", work, "--result", res)
+    mem = json.loads(res.read_text())
+    res.unlink()
+    stats = {name: spread(t) for name, t in times.items()}
+    plain, grow = stats["plain"]["median"], stats["grow"]["median"]
+    grow0 = stats["grow_alpha0"]["median"]
     worst = max(mem, key=lambda m: (m["peak"] - m["baseline"]) / m["own"])
     return {
         "source_gb": shape.total_bytes() / 2**30,
@@ -153,12 +193,24 @@ def measure(gb: float, ranks: int, repeats: int, workdir: Path) -> dict:
         "grow_over_plain": grow / plain,
         "grow_alpha0_s": grow0,
         "grow_alpha0_over_plain": grow0 / plain,
+        "spread_s": stats,
+        "plain_cpu_s": stats["plain_cpu"]["median"],
+        "grow_cpu_s": stats["grow_cpu"]["median"],
+        "grow_alpha0_cpu_s": stats["grow_alpha0_cpu"]["median"],
         "own_shard_gb": worst["own"] / 2**30,
         "interpreter_gb": worst["baseline"] / 2**30,
         "peak_rss_gb": worst["peak"] / 2**30,
         "rss_over_own": (worst["peak"] - worst["baseline"]) / worst["own"],
         "times": times,
     }
+
+
+def profile(gb: float, ranks: int, work: Path) -> None:
+    res = work / "result.json"
+    launch(ranks, "--phase", "profile", "--gb", gb, "--work", work, "--result", res)
+    for r in json.loads(res.read_text()):
+        print(f"--- rank {r['rank']}: one hook load {r['seconds']:.2f} s (under cProfile)\n{r['profile']}")
+    res.unlink()
 
 
 def slope(rows, x, y) -> float:
@@ -175,25 +227,46 @@ def main():
     p.add_argument("--gb", type=float, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--top", type=int, default=25, help=argparse.SUPPRESS)
     p.add_argument("--sizes-gb", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    p.add_argument("--quick", action="store_true", help="1 GB only (the target's smallest size)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one hook load per rank instead of timing (prints, writes no JSON)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default=tempfile.gettempdir(), help="where checkpoints are written")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir and reuse them")
     p.add_argument("--out", default=str(HERE / "results" / "load_growth.json"))
     args = p.parse_args()
     if args.rank_side:
         return rank_main(args)
+    sizes = [1.0] if args.quick else args.sizes_gb
     rows = []
-    for gb in args.sizes_gb:
+    for gb in sizes:
         print(f"source ≈ {gb} GB: making checkpoints, timing, measuring memory …", flush=True)
-        rows.append(measure(gb, args.ranks, args.repeats, Path(args.workdir)))
-    header = ("source GB", "grown GB", "plain load s (a)", "grow load s (b)", "b/a",
-              "b/a at alpha 0", "own GB/rank", "interp. GB", "peak GB", "(peak-interp)/own")
+        work = checkpoints(gb, args.ranks, Path(args.workdir), args.keep)
+        try:
+            if args.profile:
+                profile(gb, args.ranks, work)
+                continue
+            rows.append(measure(gb, args.ranks, args.repeats, work))
+        finally:
+            if not args.keep:
+                shutil.rmtree(work)
+    if args.profile:
+        return
+    header = ("source GB", "grown GB", "plain s (a) min/med/max", "grow s (b) min/med/max", "b/a",
+              "b/a at alpha 0", "CPU s/rank a / b / b at alpha 0", "own GB/rank", "interp. GB", "peak GB",
+              "(peak-interp)/own")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['source_gb']:.2f} | {r['grown_gb']:.2f} | {r['plain_load_s']:.2f} | "
-              f"{r['grow_load_s']:.2f} | {r['grow_over_plain']:.2f} | "
-              f"{r['grow_alpha0_over_plain']:.2f} | {r['own_shard_gb']:.2f} | "
+        plain, grow = (r["spread_s"][k] for k in ("plain", "grow"))
+        print(f"| {r['source_gb']:.2f} | {r['grown_gb']:.2f} | "
+              f"{plain['min']:.2f} / {plain['median']:.2f} / {plain['max']:.2f} | "
+              f"{grow['min']:.2f} / {grow['median']:.2f} / {grow['max']:.2f} | {r['grow_over_plain']:.2f} | "
+              f"{r['grow_alpha0_over_plain']:.2f} | "
+              f"{r['plain_cpu_s']:.2f} / {r['grow_cpu_s']:.2f} / {r['grow_alpha0_cpu_s']:.2f} | "
+              f"{r['own_shard_gb']:.2f} | "
               f"{r['interpreter_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['rss_over_own']:.2f} |")
     summary = {
         "ranks": args.ranks, "repeats": args.repeats, "rows": rows,

@@ -204,7 +204,7 @@ def _plan_reads(work: Work) -> None:
     for sh, fill in work.fills:
         if fill.second is not None:  # router rows of the second: a buffer, like any rows
             dtypes.setdefault(fill.second, sh.data.dtype)
-        if fill.source is None:  # nothing to read (a zero router of an upcycled layer)
+        if fill.source is None or fill.zero:  # nothing to read: zeroed, whatever its source holds
             continue
         read = fill.source.unit() if fill.source.unit() in sigma_units else fill.source
         dtypes.setdefault(read, sh.data.dtype)
@@ -241,7 +241,7 @@ def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader,
 
     def fill(item: tuple[ShardedTensor, Fill]) -> None:  # targets are disjoint: thread-safe
         sh, how = item
-        source = None if how.source is None else ops.box_view(buffers, how.source)
+        source = None if how.source is None or how.zero else ops.box_view(buffers, how.source)
         second = None if how.second is None else ops.box_view(buffers, how.second)
         try:
             ops.fill_shard(_local(sh), how, source, sigmas.__getitem__, width.noise_alpha, width.seed,

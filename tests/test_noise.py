@@ -138,3 +138,24 @@ def test_the_noise_of_a_fixed_unit_is_pinned():
         (4, ["0x1.171a4a0000000p-1", "-0x1.01234c0000000p-2", "-0x1.d515b40000000p-1",
              "-0x1.3dbeae0000000p-2"]),
     ]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("at", [0, 12345, -1])
+def test_a_noisy_fill_refuses_a_source_that_is_not_finite(bad, at):
+    unit, fill = _fill_of_a_copy()
+    source = torch.randn(UNIT) * 0.02
+    sigma = ops.sigma(source)
+    source.view(-1)[at] = bad
+    for target in (torch.empty(UNIT), torch.empty(UNIT, dtype=torch.bfloat16)):
+        with pytest.raises(ops.NotFinite) as e:
+            ops.fill_shard(target, fill, source, lambda u: sigma, 0.01, ID["seed"])
+        assert not e.value.overflow
+
+
+def test_a_noisy_fill_refuses_noise_that_overflows_the_targets_dtype():
+    unit, fill = _fill_of_a_copy()
+    source = torch.full(UNIT, 65504.0)  # fp16's largest finite value
+    with pytest.raises(ops.NotFinite) as e:
+        ops.fill_shard(torch.empty(UNIT, dtype=torch.float16), fill, source, lambda u: 100.0, 0.5, ID["seed"])
+    assert e.value.overflow

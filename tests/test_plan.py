@@ -1,4 +1,4 @@
-"""The growth plan alone: pure Python, no ranks."""
+"""The growth plan and the reads it asks for: metadata alone, no ranks."""
 
 import pytest
 
@@ -223,3 +223,23 @@ def test_the_target_pattern_is_cut_into_pipeline_segments_at_block_boundaries():
     plan.check_target(pipeline_parallel=4)
     with pytest.raises(GrowthError, match="--pipeline-model-parallel-size: 8 blocks .* 9 pipeline"):
         plan.check_target(pipeline_parallel=9)
+
+
+def test_a_zeroed_copy_reads_nothing_of_its_source():
+    """A rank holding a zeroed copy (an output projection under zero_copy_outputs) but not its
+    original, as on another pipeline stage, asks the source for nothing and gets zeros."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_recycle.load_hook import execute, prepare
+
+    key, shapes = "decoder.layers.self_attention.linear_proj.weight", {
+        "decoder.layers.self_attention.linear_proj.weight": (1, 4, 4)}
+    plan = GrowthPlan(Architecture(1), DepthGrowth(2, zero_copy_outputs=True))
+    copy, original = (ShardedTensor.from_rank_offsets(key, torch.ones(4, 4), (0, layer, 2), prepend_axis_num=1)
+                      for layer in (1, 0))
+    work = prepare(plan, shapes, {"copy": copy}, "copy", set())
+    assert work.request == {} and work.boxes == []
+    loaded = execute(work, plan, lambda request: {}, lambda request: {})
+    assert torch.equal(loaded["copy"], torch.zeros(4, 4))
+    assert len(prepare(plan, shapes, {"copy": copy, "original": original}, "copy", set()).boxes) == 1
