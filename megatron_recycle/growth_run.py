@@ -32,14 +32,16 @@ def has_checkpoint(root) -> bool:
     return bool(root) and is_checkpoint_root(Path(root))
 
 
-def made(growth: Growth, provenance: Optional[Provenance], source_root: str, step: Optional[int]) -> bool:
+def made(growth: Growth, provenance: Optional[Provenance], source_root: str, step: Optional[int],
+         second_flag: str = merge.FLAG) -> bool:
     """Whether `provenance` records this very growth of `source_root` (at `step`), with the
-    same second checkpoint (`--grow-from-second`: the iteration it names now)."""
+    same second checkpoint (`--grow-from-second`, set with `second_flag`: the iteration it
+    names now)."""
     return (provenance is not None and provenance.source.load == source_root
             and (step is None or provenance.source.iteration == step)
             and growth.same_plan(provenance.plan)
             and (growth.second is None or (provenance.second is not None and provenance.second.path
-                                           == real_path(resolve(growth.second, None, merge.FLAG)))))
+                                           == real_path(resolve(growth.second, None, second_flag)))))
 
 
 @dataclass
@@ -57,16 +59,17 @@ class GrownCheckpoint:
 
 
 def find_grown(request: Growth, roots: Iterable[tuple[str, str]], source_roots: Iterable[str],
-               step: Optional[int]) -> Optional[GrownCheckpoint]:
+               step: Optional[int], second_flag: str = merge.FLAG) -> Optional[GrownCheckpoint]:
     """The first of `roots` ((root, the setting naming it)) holding a checkpoint grown from one
-    of `source_roots` with `request`'s options; raises if it is not what its record says."""
+    of `source_roots` with `request`'s options; raises if it is not what its record says.
+    `second_flag`: the setting the second checkpoint is given with."""
     sources = [real_path(s) for s in source_roots if s]
     for root, setting in roots:
         if not has_checkpoint(root):
             continue
         info = CheckpointInfo.read(root, flag=setting)
         prov = info.provenance
-        if not any(made(request, prov, source, step) for source in sources):
+        if not any(made(request, prov, source, step, second_flag) for source in sources):
             continue
         plan = prov.growth_plan()
         have = info.architecture()
@@ -85,20 +88,23 @@ def plan_growth(request: Growth, source: Architecture) -> GrowthPlan:
     return plan
 
 
-def read_second(request: Growth, info: CheckpointInfo, optimizer_loaded: bool) -> Optional[CheckpointInfo]:
-    """The second checkpoint of `--grow-from-second` (None without it), checked against the
-    source `info`: its architecture, and its optimizer state where the source's is grown."""
+def read_second(request: Growth, info: CheckpointInfo, optimizer_loaded: bool,
+                flag: str = merge.FLAG) -> Optional[merge.Second]:
+    """The second checkpoint of `--grow-from-second` (None without it; `flag`: the setting it is
+    given with), pinned and checked against the source `info`: its architecture, and its
+    optimizer state where the source's is grown. The load strategy takes it as it is (pinned
+    here: what the growth record names is what the load reads)."""
     if request.second is None:
         return None
-    second = merge.read_second(info, request.second)
+    second = merge.Second.read(info, request.second, flag)
     if optimizer_loaded:
-        merge.check_optimizer(info, second)
+        merge.check_optimizer(info, second.info, flag)
     return second
 
 
 def growth_provenance(request: Growth, plan: GrowthPlan, info: CheckpointInfo, source_root: str,
                       grown_by: str, layout: dict, optimizer_loaded: bool,
-                      second: Optional[CheckpointInfo] = None) -> Provenance:
+                      second: Optional[merge.Second] = None) -> Provenance:
     """The record every checkpoint of the growing job carries. `optimizer_loaded`: whether the
     source's optimizer state is grown into the job (else it starts fresh); `second`: the
     checkpoint the expert copies come from (`read_second`)."""
@@ -112,7 +118,7 @@ def growth_provenance(request: Growth, plan: GrowthPlan, info: CheckpointInfo, s
         rewarmup_iters=request.rewarmup_iters,
         layout=layout,
         previous=info.provenance,
-        second=None if second is None else merge.reference(second),
+        second=None if second is None else merge.reference(second.info),
     )
 
 

@@ -52,13 +52,17 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         source: Optional[str | os.PathLike] = None,
         upcycle: Optional[Upcycling] = None,
         init: Optional[CopyInit] = None,
-        second: Optional[str | os.PathLike] = None,
+        second: Optional[str | os.PathLike | merge.Second] = None,
     ):
         """`optimizer_policy` (`--grow-optimizer`): copy / zero grow optimizer state the load
         asks for; reset means none is asked for. `source`: grow only what is loaded from this
         checkpoint directory and load any other plainly (for a training framework that builds
         its load strategy before it knows the directory). `second`: the iteration directory the
-        expert copies are read from (`--grow-from-second`; the plan's `init.from_second`)."""
+        expert copies are read from (`--grow-from-second`; the plan's `init.from_second`),
+        pinned when first read; or the `merge.Second` a framework adapter read when it planned
+        (its messages name the adapter's setting). Either way its files are checked unchanged
+        before and after each load reads it: a second rewritten meanwhile is refused on every
+        rank, never grown into a model that mixes two checkpoints."""
         super().__init__()
         # megatron-core 0.19.0 can dequantize FP8 targets tensor by tensor inside its reader;
         # growth writes into the targets itself, so they are dequantized before the load.
@@ -73,7 +77,8 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         self.init = init or CopyInit()
         self.optimizer_policy = optimizer_policy
         self.source = None if source is None else os.path.realpath(source)
-        self.second = None if second is None else Path(second)
+        self.second = second if second is None or isinstance(second, merge.Second) else Path(second)
+        self._second: Optional[merge.Second] = second if isinstance(second, merge.Second) else None
         self._info: dict[Path, CheckpointInfo] = {}
 
     def source_info(self, checkpoint_dir) -> CheckpointInfo:
@@ -91,13 +96,16 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
                               "checkpoint exactly when one is given (GrowthLoadStrategy(second=...))")
         return self.plan
 
-    def second_info(self, checkpoint_dir) -> Optional[CheckpointInfo]:
-        """The second checkpoint, checked to have the source's architecture."""
+    def second_info(self, checkpoint_dir) -> Optional[merge.Second]:
+        """The second checkpoint, checked to have the source's architecture, and unchanged since
+        it was pinned (read and pinned here on first use, unless given pinned)."""
         if self.second is None:
             return None
-        if self.second not in self._info:
-            self._info[self.second] = merge.read_second(self.source_info(checkpoint_dir), self.second)
-        return self._info[self.second]
+        if self._second is None:
+            self._second = merge.Second.read(self.source_info(checkpoint_dir), self.second)
+        else:
+            self._second.check_unchanged()  # still what the plan read and the record names
+        return self._second
 
     @torch.no_grad()
     def load(self, sharded_state_dict, checkpoint_dir, *args, **kwargs):
@@ -109,7 +117,7 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
             info = self.source_info(checkpoint_dir)
             plan, second = self.plan_for(checkpoint_dir), self.second_info(checkpoint_dir)
             work = prepare(plan, info.shapes, sharded_state_dict, self.optimizer_policy, set(info.objects),
-                           second)
+                           None if second is None else second.info)
             error = None
         except GrowthError as e:  # agree on failure before the collective read
             work, error = None, e
@@ -123,10 +131,12 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         try:
             # the second checkpoint's boxes are read by this rank alone (io.reader), outside
             # megatron-core's collective read of the source
-            read_second = None if second is None else second.read_boxes
+            read_second = None if second is None else second.info.read_boxes
             loaded = execute(work, self.plan, read, lambda request: read_boxes(checkpoint_dir, request),
                              read_second)
-        except CheckpointError as e:  # a non-finite grown shard: every rank stops, none waits
+            if second is not None:
+                second.check_unchanged()  # after this rank's last read of it
+        except CheckpointError as e:  # a non-finite grown shard, a changed second: every rank stops
             loaded, error = None, e
         _raise_if_any_rank_failed(error)
         return loaded

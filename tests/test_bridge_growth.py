@@ -164,6 +164,14 @@ def test_growth_overrides():
     assert growth.from_second == "runs/0005" and growth.given() == ["growth.experts", "growth.from_second"]
     merge = growth.growth()
     assert merge.second == "runs/0005" and merge.init.from_second
+    import dataclasses
+
+    from megatron_recycle.bridge.config import RAW_STRING
+
+    # the raw-string marker, not the field's name, keeps the text as written (YAML: a bool, a list)
+    assert [f.name for f in dataclasses.fields(GrowthConfig) if f.metadata.get(RAW_STRING)] == ["from_second"]
+    assert split_overrides(["growth.from_second=true"])[0].from_second == "true"
+    assert split_overrides(["growth.from_second=[a, b]"])[0].from_second == "[a, b]"
     from megatron_recycle.bridge import decide
 
     assert decide.configure(None, GrowthConfig()) is None  # no growth configured: Bridge as it is
@@ -212,3 +220,7 @@ def test_refusals_name_the_setting(runs, tmp_path):
     cfg.optimizer.use_distributed_optimizer = True
     with pytest.raises(GrowthError, match="optimizer.use_distributed_optimizer"):
         decide.configure(cfg, GrowthConfig(depth=2))
+    for second, what in ((out / "base", "is the source checkpoint itself"), (tmp_path / "none", "no such directory")):
+        cfg = _config(out, tmp_path / "run", load=str(out / "base"))
+        with pytest.raises(GrowthError, match=f"^growth.from_second .*: {what}"):  # Bridge's key, not the flag
+            decide.configure(cfg, GrowthConfig(experts=2, optimizer="reset", from_second=str(second)))

@@ -199,6 +199,25 @@ def test_a_second_checkpoint_is_read_checked_and_recorded_before_any_model(ckpts
         configure(merge + ["--grow-from-second", str(ckpts / "base")])
 
 
+def test_a_second_rewritten_between_the_plan_and_the_load_is_refused(ckpts, tmp_path):
+    """The second is pinned when the job plans (the record names that one); the load strategy the
+    hooks build checks it unchanged before reading it, and refuses it once rewritten."""
+    import shutil
+
+    from megatron_recycle.errors import CheckpointError
+    from megatron_recycle.load_hook import GrowthLoadStrategy
+
+    second = shutil.copytree(ckpts / "base_dp", tmp_path / "second")  # keeps the files' mtimes
+    args, decision = configure(["--load", str(ckpts / "base"), "--grow-experts", "2", "--grow-optimizer",
+                                "reset", "--grow-from-second", str(second)])
+    strategy = GrowthLoadStrategy(decision.plan, source=decision.checkpoint.path, second=decision.second)
+    assert strategy.load({}, decision.checkpoint.path) == {}  # unchanged: loads (nothing asked here)
+    distcp = sorted((second / "iter_0000005").glob("*.distcp"))[0]
+    distcp.write_bytes(distcp.read_bytes())  # saved again in place: same bytes, a new mtime
+    with pytest.raises(CheckpointError, match=rf"^--grow-from-second \S+/{distcp.name} changed while growing"):
+        strategy.load({}, decision.checkpoint.path)
+
+
 def test_requeue_resumes_a_merge_only_with_the_same_second(ckpts):
     merge = ["--load", str(ckpts / "base"), "--grow-experts", "2", "--grow-optimizer", "reset",
              "--save", str(ckpts / "grown_second")]

@@ -18,6 +18,14 @@ from ..errors import GrowthError
 from ..options import Growth, add_growth_args, growth_from_args
 
 PREFIX = "growth."
+FROM_SECOND = PREFIX + "from_second"  # what messages about the second checkpoint name
+RAW_STRING = "megatron_recycle.raw_string"  # field metadata: an override's text taken as written
+
+
+def raw_string(default: Optional[str] = None):
+    """A field whose `growth.<field>=<text>` override is the text as written, not parsed as YAML
+    (a path: YAML would read `0005` as 5, `true` as a bool)."""
+    return dataclasses.field(default=default, metadata={RAW_STRING: True})
 
 
 @dataclass
@@ -42,7 +50,7 @@ class GrowthConfig:
     init_std: float = 0.02  # --grow-init-std: the baselines' N(0, std^2)
     optimizer: str = "copy"  # --grow-optimizer: copy / zero / reset
     rewarmup_iters: int = 0  # --grow-rewarmup-iters
-    from_second: Optional[str] = None  # --grow-from-second: the checkpoint the expert copies come from
+    from_second: Optional[str] = raw_string()  # --grow-from-second: the checkpoint the expert copies come from
 
     def growth(self) -> Growth:
         """The engine's options; GrowthError names the field if one is not valid."""
@@ -82,20 +90,22 @@ def split_overrides(overrides: list[str]) -> tuple[GrowthConfig, list[str]]:
         if not sep or name not in fields:
             raise GrowthError(f"{override!r}: give growth.<field>=<value> with a field of "
                               f"{sorted(fields)}")
-        setattr(growth, name, _parse(name, text, fields[name].default))
+        setattr(growth, name, _parse(fields[name], text))
     return growth, rest
 
 
-def _parse(name: str, text: str, default):
-    """The value of `growth.<name>=<text>`, of the field's type (YAML-like: 2, 0.01, true, [0,0,1])."""
+def _parse(field: dataclasses.Field, text: str):
+    """The value of `growth.<field>=<text>`, of the field's type (YAML-like: 2, 0.01, true,
+    [0,0,1]), or `text` itself for a `raw_string` field."""
     import yaml
 
+    if field.metadata.get(RAW_STRING):
+        return text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
-    if name == "from_second":  # a path, as given (YAML would read 0005 as a number)
-        return text
+    name, default = field.name, field.default
     want = type(default) if default is not None else list
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

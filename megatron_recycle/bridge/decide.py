@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .. import compat
+from .. import compat, merge
 from ..errors import GrowthError
 from ..growth_run import (check_optimizer_growth, find_grown, growth_notes, growth_provenance,
                           has_checkpoint, plan_growth, read_second, real_path)
@@ -25,7 +25,7 @@ from ..io.checkpoint import CheckpointInfo
 from ..options import Growth
 from ..plan import GrowthPlan, nothing_to_grow
 from ..provenance import Provenance
-from .config import GrowthConfig
+from .config import FROM_SECOND, GrowthConfig
 
 GROWN_BY = "megatron-bridge"
 # cfg.model fields that growth sets: (field, what the plan's source / target says)
@@ -41,7 +41,7 @@ class Decision:
     weights_only: bool  # grown from checkpoint.pretrained_checkpoint: a fresh train state
     provenance: Provenance  # recorded in every checkpoint this run saves
     notes: list[str] = field(default_factory=list)
-    second: Optional[CheckpointInfo] = None  # growth.from_second, when growing
+    second: Optional[merge.Second] = None  # growth.from_second, when growing (pinned)
 
 
 def configure(cfg, growth: GrowthConfig) -> Optional[Decision]:
@@ -64,7 +64,7 @@ def configure(cfg, growth: GrowthConfig) -> Optional[Decision]:
                           "Megatron's DDP; grow offline (`megatron-recycle grow`) for an FSDP run")
     sources = [s for s in (ckpt.load, ckpt.pretrained_checkpoint) if s]
     roots = [(r, f"checkpoint.{name}") for name, r in (("save", ckpt.save), ("load", ckpt.load)) if r]
-    grown = find_grown(request, list(dict.fromkeys(roots)), sources, ckpt.ckpt_step)
+    grown = find_grown(request, list(dict.fromkeys(roots)), sources, ckpt.ckpt_step, FROM_SECOND)
     if grown is not None:
         ckpt.load = grown.root  # Bridge then resumes it (a checkpoint in load wins over pretrained)
         ckpt.ckpt_step = None
@@ -110,7 +110,7 @@ def _grow_decision(cfg, request: Growth) -> Decision:
     model = cfg.model
     layout = {name: getattr(model, name) for name in (
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")}
-    second = read_second(request, info, optimizer_loaded)
+    second = read_second(request, info, optimizer_loaded, FROM_SECOND)
     provenance = growth_provenance(request, plan, info, source, GROWN_BY, layout, optimizer_loaded, second)
     notes = growth_notes(info, plan) + [
         f"{setting}: " + ("weights only, a fresh train state and optimizer" if weights_only else

@@ -81,10 +81,9 @@ class GrowthCheckpointManager(_default_manager()):
         if args or kwargs:  # Bridge builds it bare; anything else is not the loader we know
             raise GrowthError(f"Megatron-Bridge built its load strategy with {args} {kwargs}; "
                               "this Bridge release is not supported by megatron-recycle's manager")
-        second = self.decision.second
         return GrowthLoadStrategy(self.decision.plan, optimizer_policy=self.decision.request.optimizer,
                                   source=self.decision.checkpoint.path,
-                                  second=None if second is None else second.path)
+                                  second=self.decision.second)
 
     def save(self, ctx, callback_manager) -> None:
         from megatron.bridge.training import checkpointing

@@ -79,27 +79,17 @@ def read_second(source: Source, path, upcycle: bool) -> Source:
     """The second checkpoint of `--grow-from-second`, checked to be `source`'s model: the same
     family and architecture, the same tensor names, shapes and dtypes (copies are not cast)."""
     second = read_source(path, upcycle, merge.FLAG)
-    if os.path.realpath(second.ckpt.path) == os.path.realpath(source.ckpt.path):
-        raise GrowthError(f"{merge.FLAG} {path}: is the source checkpoint itself; give another "
-                          "checkpoint (without it the copies are the source's experts)")
     if (second.family.name, second.architecture) != (source.family.name, source.architecture):
         raise GrowthError(f"{merge.FLAG} {second.ckpt.path}: not the source's model: "
                           f"{second.family.name} {second.architecture} there, {source.family.name} "
                           f"{source.architecture} in the source {source.ckpt.path}")
-    mine, theirs = source.ckpt, second.ckpt
-    for name in sorted(mine.shapes.keys() | theirs.shapes.keys()):
-        have = (theirs.shapes.get(name), theirs.dtypes.get(name))
-        want = (mine.shapes.get(name), mine.dtypes.get(name))
-        if have != want:
-            raise GrowthError(f"{merge.FLAG} {second.ckpt.path}: tensor {name!r} is {_described(have)} "
-                              f"there, {_described(want)} in the source {source.ckpt.path}; give a "
-                              "checkpoint of the same model in the source's precision")
+    merge.check_same_tensors(merge.FLAG, second.ckpt.path, source.ckpt.path, _tensors(second.ckpt),
+                             _tensors(source.ckpt))
     return second
 
 
-def _described(shape_dtype) -> str:
-    shape, dtype = shape_dtype
-    return "absent" if shape is None else f"{tuple(shape)} {dtype}"
+def _tensors(ckpt: hf_io.HFCheckpoint) -> dict:
+    return {name: (shape, ckpt.dtypes[name]) for name, shape in ckpt.shapes.items()}
 
 
 def reader(source: Source, second: Optional[Source]) -> Callable:

@@ -1,7 +1,8 @@
 """What a grow read is what it commits: the source iteration directory is pinned at the start
 and checked unchanged before the commit, so a source replaced or rewritten meanwhile (a `mv`
 of a `.distcp` or `.metadata`, a save into the same place) cannot mix two checkpoints in one
-grown checkpoint.
+grown checkpoint. The second checkpoint of `--grow-from-second` is pinned alike, offline and
+in a training job (from the plan to the load's last read of it: `merge.Second`).
 
 Pinned: every file's inode, size and mtime_ns (a `mv` changes the inode, a rewrite the mtime),
 in the directory and its subdirectories (a legacy torch checkpoint's `mp_rank_*/`),
@@ -43,8 +44,8 @@ class SourceSnapshot:
         if changed is not None:
             raise CheckpointError(
                 f"{flag} {self.directory / changed} changed while growing (replaced, rewritten or "
-                "removed): the grown checkpoint would mix two checkpoints, so nothing was written; "
-                "run again once the source is no longer being written")
+                "removed): the grown model would mix two checkpoints, so nothing was written or "
+                "loaded; run again once it is no longer being written")
 
 
 def _stats(directory: Path, prefix: str = "") -> dict:

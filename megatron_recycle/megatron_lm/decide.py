@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import compat, hybrid, upcycling
+from .. import compat, hybrid, merge, upcycling
 from ..errors import GrowthError
 from ..growth_run import (check_optimizer_growth, find_grown, growth_notes, growth_provenance,
                           has_checkpoint, plan_growth, read_second, real_path)
@@ -59,7 +59,7 @@ class Decision:
     provenance: Provenance  # written into the common state of every checkpoint this job saves
     updates: dict[str, Any]  # the Megatron-LM args set from the plan
     notes: list[str]
-    second: Optional[CheckpointInfo] = None  # --grow-from-second, when growing
+    second: Optional[merge.Second] = None  # --grow-from-second, when growing (pinned)
 
 
 def explicit_dests(args, parser: argparse.ArgumentParser) -> set[str]:

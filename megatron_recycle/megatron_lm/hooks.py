@@ -84,11 +84,10 @@ class Integration:
             if self.growing:
                 from ..load_hook import GrowthLoadStrategy
 
-                second = self.decision.second
                 return GrowthLoadStrategy(self.decision.plan,
                                           optimizer_policy=self.decision.request.optimizer,
                                           source=self.decision.checkpoint.path,
-                                          second=None if second is None else second.path)
+                                          second=self.decision.second)
             return original(*args, **kwargs)
 
         return load_strategy
