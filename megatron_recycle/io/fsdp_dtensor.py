@@ -11,10 +11,12 @@ shapes; names as `indexing.from_fsdp_dtensor` reads them), the optimizer
 the objects `args`, `iteration`, `checkpoint_version`, `num_floating_point_operations_so_far`,
 `opt_param_scheduler.<field>`, `rng_state.…`, `rerun_state_machine.…`.
 
-Read here: the weights (under torch_dist keys, GLU halves joined), and a common state of args,
-iteration, checkpoint version, FLOPs and scheduler. Not presented: the optimizer state (the
-Megatron-FSDP optimizer's own; growth drops it), RNG and rerun state (not carried across a
-layout change).
+Read here: the weights (under torch_dist keys, GLU halves joined), the per-parameter optimizer
+state of the parameter's shape (as `optimizer.state.<field>.<torch_dist key>`, model-space
+moments; growth carries them into fsdp_dtensor only, `io.formats`), the names of the
+parameter groups' objects (`group_meta`, for the writer), and a common state of args,
+iteration, checkpoint version, FLOPs, scheduler and growth record. Not presented: RNG and
+rerun state (not carried across a layout change).
 """
 
 from __future__ import annotations
