@@ -79,7 +79,7 @@ class FsdpDtensorCheckpoint:
         halves: dict[tuple[str, tuple], dict[Optional[str], _Stored]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.has_optimizer = any(n.startswith(_OPTIMIZER_PREFIX) for n in stored)
-        self.group_meta = sorted(n for n in stored if n.startswith(GROUP_META_PREFIX))
+        self.group_meta = _group_meta(metadata)
         for name, md in tensors.items():
             place = self.naming.place(name)
             if place is None or (name.startswith(_OPTIMIZER_PREFIX) and not _per_element(name, md, tensors)):
@@ -139,6 +139,23 @@ class FsdpDtensorCheckpoint:
                     out[(name, i)] = tensor_request(part.key, data.narrow(0, lo - start, hi - lo),
                                                     part.shape, (lo - first,) + offset[1:])
         return out
+
+
+def _group_meta(metadata) -> dict[str, tuple[str, str]]:
+    """The stored parameter-group objects: name → (parameter, field), the parameter taken from
+    torch DCP's record of where each flattened name came from (parameter names hold dots)."""
+    paths = metadata.planner_data or {}
+    out = {}
+    for name in metadata.state_dict_metadata:
+        if not name.startswith(GROUP_META_PREFIX):
+            continue
+        path = paths.get(name)
+        if path:  # ("optimizer", "param_to_group_meta", "module.<parameter>", field)
+            out[name] = (path[2][len("module."):], ".".join(map(str, path[3:])))
+        else:
+            param, _, field = name[len(GROUP_META_PREFIX):].rpartition(".")
+            out[name] = (param, field)
+    return out
 
 
 def _per_element(name: str, md, tensors: dict) -> bool:

@@ -34,14 +34,14 @@ class FsdpDtensorWriter:
         """`pieces`: every piece of the grown checkpoint (checked here, before anything is written)."""
         self.source_path, self.naming = source.path, source.naming
         self.plan, self.keep_optimizer = plan, keep_optimizer
-        self.group_meta = source.group_meta if keep_optimizer else []
+        self.group_meta = source.group_meta if keep_optimizer else {}
         if keep_optimizer:
             self.parameter_groups(pieces)
 
     def parameter_groups(self, pieces) -> dict[str, str]:
         """Grown parameter (`module.<name>`) → the source parameter whose group meta it takes,
         for every grown weight; refused where a source parameter has none."""
-        have = {n[len(GROUP_META_PREFIX):].rpartition(".")[0] for n in self.group_meta}
+        have = {param for param, _ in self.group_meta.values()}
         out = {}
         for key, index in {(p.box.key, p.box.index) for p in pieces if not p.box.key.startswith("optimizer.")}:
             came = indexing.origin(self.plan, indexing.parse_key(key, len(index)), index)
@@ -128,7 +128,7 @@ class FsdpDtensorWriter:
         stored = read_stored(self.source_path, {n: StoredObject(n) for n in self.group_meta})
         fields: dict[str, dict[str, Any]] = {}
         for name, value in stored.items():
-            param, _, field = name[len(GROUP_META_PREFIX):].rpartition(".")
+            param, field = self.group_meta[name]
             fields.setdefault(param, {})[field] = value
         out = {}
         for grown, source in self.parameter_groups(pieces).items():
