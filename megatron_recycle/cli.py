@@ -26,6 +26,7 @@ import traceback
 from typing import Optional, Sequence
 
 from .errors import EXIT_IO, EXIT_SIGINT, EXIT_SIGTERM, EXIT_VERIFY_FAILED, GrowthError
+from .io import formats
 from .options import add_growth_args, growth_from_args, growth_options_given, integer, number
 
 
@@ -63,7 +64,7 @@ def _grow(args) -> int:
     with distributed.joined_from_environment():
         offline.grow(args.load, args.save, growth, step=args.ckpt_step,
                      overwrite=args.overwrite, workers=args.workers, batch_bytes=_batch_bytes(args),
-                     remove_stale_staging=args.remove_stale_staging)
+                     remove_stale_staging=args.remove_stale_staging, ckpt_format=args.ckpt_format)
     return 0
 
 
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size-mb", type=number(0, low_open=True), default=1024, metavar="MB",
                    help="grown tensor bytes per batch; memory per process stays a small "
                         "multiple of this (default: %(default)s)")
+    p.add_argument("--ckpt-format", choices=formats.WRITTEN, default=None,
+                   help="format to write (Megatron-LM's --ckpt-format): by default the source's, "
+                        "torch_dist for a legacy torch source; fsdp_dtensor from fsdp_dtensor sources only")
     add_growth_args(p)
     p.set_defaults(run=_grow)
 

@@ -279,6 +279,71 @@ def moe_layer_pattern(shapes: dict[str, tuple[int, ...]], num_layers: int) -> Op
     return tuple(i in routed for i in range(num_layers))
 
 
+_FSDP_OPTIMIZER_STATE = re.compile(r"^optimizer\.state\.module\.(.+)\.([A-Za-z0-9_]+)$")
+# torch_dist keys of the `linear_fc1` tensors Megatron-LM splits into `_w` / `_v` when the run
+# has `--swiglu` (handle_swiglu_in_state_dict's patterns, in torch_dist terms)
+_FSDP_SWIGLU_KEY = re.compile(r"\.mlp\.(?:experts\.experts\.|shared_experts\.)?linear_fc1\.(?:weight|bias)$")
+
+
+@dataclass(frozen=True)
+class FsdpNaming:
+    """How one run's fsdp_dtensor names are formed: whether megatron-core stacks its decoder
+    layers in torch_dist keys, its layer spec's `sharded_state_dict_keys_map`, whether its
+    experts are TE's grouped GEMM (`weight{e}`) or SequentialMLP's (`local_experts.{e}.`), and
+    whether GLU `linear_fc1` rows are split (`--swiglu`)."""
+
+    stack_layers: bool
+    layer_keys_map: tuple[tuple[str, str], ...]
+    grouped_experts: bool
+    swiglu: bool
+
+    @classmethod
+    def of(cls, names, stack_layers: bool, layer_keys_map: dict[str, str]) -> "FsdpNaming":
+        """The naming of a checkpoint storing `names` (experts and GLU halves as they are stored)."""
+        names = [n for n in names if n.startswith(FSDP_MODEL_PREFIX)]
+        return cls(stack_layers, tuple(layer_keys_map.items()),
+                   grouped_experts=any(_FSDP_GROUPED_EXPERT.search(_FSDP_GLU_HALF.sub(r"\1", n)) for n in names),
+                   swiglu=any(_FSDP_GLU_HALF.search(n) for n in names))
+
+    def place(self, name: str) -> Optional[FsdpName]:
+        """The torch_dist place of a stored weight or per-parameter optimizer tensor
+        (`optimizer.state.module.<parameter>.<field>` → key `optimizer.state.<field>.<key>`)."""
+        if m := _FSDP_OPTIMIZER_STATE.match(name):
+            place = from_fsdp_dtensor(FSDP_MODEL_PREFIX + m.group(1), self.stack_layers, dict(self.layer_keys_map))
+            return None if place is None else FsdpName(f"optimizer.state.{m.group(2)}.{place.key}",
+                                                       place.index, place.half)
+        return from_fsdp_dtensor(name, self.stack_layers, dict(self.layer_keys_map))
+
+    def split(self, key: str) -> bool:
+        """Whether the torch_dist tensor `key` (a weight or its optimizer state) is stored as
+        `_w` / `_v` halves."""
+        return self.swiglu and bool(_FSDP_SWIGLU_KEY.search(parse_key(key, 0).model_key))
+
+    def name(self, key: str, index: tuple[int, ...], half: Optional[str]) -> str:
+        """The stored name of the torch_dist unit `key` at prepended `index` (the GLU `half`
+        where it is split): `place`'s inverse."""
+        layout = parse_key(key, len(index))
+        model_key, rest = layout.model_key, list(index)
+        layer = rest.pop(0) if layout.decoder and layout.layer_axis is not None else None
+        expert = rest.pop(0) if layout.expert_axis is not None else None
+        if layout.decoder:
+            tail = layout.tail
+            for original, renamed in self.layer_keys_map:
+                if tail.startswith(renamed):
+                    tail = original + tail[len(renamed):]
+                    break
+            model_key = layer_key("", tail, layout.layer_in_key if layer is None else layer)
+        if expert is not None:
+            head, _, param = model_key.partition(".mlp.experts.experts.")
+            model_key = (f"{head}.mlp.experts.{param}{expert}" if self.grouped_experts
+                         else f"{head}.mlp.experts.local_experts.{expert}.{param}")
+        if half is not None:
+            model_key += f"_{half}"
+        if layout.prefix:  # optimizer.state.<field>.
+            return f"optimizer.state.module.{model_key}.{layout.prefix.split('.')[2]}"
+        return FSDP_MODEL_PREFIX + model_key
+
+
 # --- the index algebra of a plan -------------------------------------------------------------
 @dataclass(frozen=True)
 class Origin:

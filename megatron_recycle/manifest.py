@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 
 from . import compat, indexing, upcycling
+from .io import formats
 from .io.checkpoint import CheckpointInfo
 from .mapping import Box
 from .errors import GrowthError
 from .plan import GrowthPlan
-from .policy import MODEL_SPACE_OPTIMIZER_FORMATS
 
 OBJECT_SHARD = "/shard_"  # ShardedObject storage key: `{key}/shard_{offset}_{shape}`
 
@@ -69,9 +69,10 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(".") if x != "")
 
 
-def keeps_optimizer(info: CheckpointInfo) -> bool:
-    """Whether the source's optimizer state can be grown (it is in model space)."""
-    return info.optimizer_format in MODEL_SPACE_OPTIMIZER_FORMATS
+def keeps_optimizer(info: CheckpointInfo, output_format: str = formats.TORCH_DIST) -> bool:
+    """Whether the source's optimizer state can be grown into `output_format` (it is in model
+    space: torch_dist's model-space formats, or fsdp_dtensor's per-parameter state)."""
+    return info.optimizer_format in formats.CARRIED_OPTIMIZERS[output_format]
 
 
 def _source_tensors(info: CheckpointInfo, keep_optimizer: Optional[bool]) -> dict[str, tuple[int, ...]]:

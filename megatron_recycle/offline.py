@@ -1,4 +1,5 @@
-"""Offline growth: source checkpoint → grown `torch_dist` checkpoint, streamed.
+"""Offline growth: source checkpoint → grown `torch_dist` (or, from an `fsdp_dtensor` source,
+`fsdp_dtensor`: `io/formats.py` chooses the writer) checkpoint, streamed.
 
 1. Plan: the manifest (`manifest.py`) lists every piece and object the grown checkpoint holds,
    from the source metadata and the plan alone; it is cut into batches bounded in bytes.
@@ -36,6 +37,7 @@ from . import __version__, companions, hybrid, merge, policy, upcycling
 from .cost import human
 from .distributed import Job
 from .errors import GrowthError
+from .io import formats
 from .io.checkpoint import TRACKER_FILE, CheckpointInfo, resolve
 from .io.destination import Destination, tree_bytes
 from .io.iteration_files import IterationFiles
@@ -53,9 +55,9 @@ class BatchGrower:
     """Grows and writes batches into one output directory; one per process."""
 
     def __init__(self, source: CheckpointInfo, out_dir: Path, plan: GrowthPlan, optimizer: str,
-                 second: Optional[CheckpointInfo] = None):
+                 second: Optional[CheckpointInfo], writer):
         self.source, self.out_dir = source, out_dir
-        self.plan, self.optimizer, self.second = plan, optimizer, second
+        self.plan, self.optimizer, self.second, self.writer = plan, optimizer, second, writer
 
     def run(self, batch: Batch):
         return batch.number, self.write(batch, self.grow(batch))
@@ -86,9 +88,7 @@ class BatchGrower:
                                self.source.read_boxes, self.optimizer, self.second)
 
     def write(self, batch: Batch, grown: dict) -> list:
-        from .io.writer import write_batch
-
-        return write_batch(self.out_dir, batch.number, batch.pieces, batch.objects, grown)
+        return self.writer.write_batch(self.out_dir, batch.number, batch.pieces, batch.objects, grown)
 
 
 _grower: Optional[BatchGrower] = None  # one per worker process of a pool
@@ -154,7 +154,7 @@ def grown_model_args(plan: GrowthPlan, recorded: Callable[[str], object], dense_
 
 
 def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, optimizer: str,
-                 second: Optional[CheckpointInfo] = None) -> dict:
+                 second: Optional[CheckpointInfo] = None, output_format: str = formats.TORCH_DIST) -> dict:
     """The common state of the grown checkpoint: args describe the grown model; provenance."""
     common = copy.copy(info.common)
     if info.args is not None:
@@ -162,7 +162,7 @@ def grown_common(info: CheckpointInfo, plan: GrowthPlan, keep_optimizer: bool, o
         for name, value in grown_model_args(plan, lambda n: getattr(args, n, None), info.dense_hidden()).items():
             setattr(args, name, value)
         if getattr(args, "ckpt_format", None) is not None:
-            args.ckpt_format = "torch_dist"  # what is written, whatever the source was saved as
+            args.ckpt_format = output_format  # what is written, whatever the source was saved as
         common["args"] = args
     if not keep_optimizer:
         common.pop("optimizer", None)
@@ -188,6 +188,7 @@ def grow(
     workers: int = 1,
     batch_bytes: int = 1 << 30,
     remove_stale_staging: bool = False,
+    ckpt_format: Optional[str] = None,
     log: Log = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> GrowResult:
     """Grow the checkpoint at `source` into a new checkpoint root `dest`.
@@ -195,18 +196,20 @@ def grow(
     `growth.optimizer`: copy / zero (grow a model-space optimizer state; copies' moments
     copied or zeroed) or reset (drop it). In a torch.distributed job every rank calls this with the
     same arguments and grows its share of the batches; rank 0 holds the destination's lock,
-    writes the metadata and commits."""
+    writes the metadata and commits. `ckpt_format`: what to write (`io.formats.output_format`;
+    by default the source's format where it is written, else torch_dist)."""
     start = time.monotonic()
     pinned = SourceSnapshot.take(resolve(source, step))  # before anything is read from it
     info = CheckpointInfo.read(source, step)
     tracker = tracker_text(info)
     plan = growth.plan(info.architecture())
+    output = formats.output_format(info.format, ckpt_format)
     second_pinned = second = None
     if growth.second is not None:  # pinned as the source is, before it is read
         second_pinned = SourceSnapshot.take(resolve(growth.second, None, merge.FLAG))
         second = merge.read_second(info, growth.second)
     optimizer = growth.optimizer
-    keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info)
+    keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info, output)
     if second is not None and keep_optimizer:
         merge.check_optimizer(info, second)
     if workers < 1:
@@ -228,13 +231,14 @@ def grow(
         notes.append("optimizer state dropped (--grow-optimizer reset): load the grown "
                      "checkpoint with --no-load-optim")
     elif info.optimizer_format and not keep_optimizer:
-        notes.append(f"optimizer state ({info.optimizer_format}) cannot be grown (growth maps "
-                     f"the model-space formats {', '.join(policy.MODEL_SPACE_OPTIMIZER_FORMATS)}); "
-                     "it is dropped: load the grown checkpoint with --no-load-optim")
+        notes.append(f"optimizer state ({info.optimizer_format}) cannot be grown into {output} (growth "
+                     f"maps {', '.join(formats.CARRIED_OPTIMIZERS[output])} there); it is dropped: load "
+                     "the grown checkpoint with --no-load-optim")
     if framework_files is not None:
         notes += framework_files.notes(plan, info.dense_hidden())
     pieces = target_pieces(info, plan, max(batch_bytes // 4, 1), keep_optimizer)
     objects = target_objects(info, plan, keep_optimizer)
+    writer = formats.writer(output, info, plan, keep_optimizer, pieces)
     work = batches(pieces, objects, batch_bytes)
     total = sum(b.nbytes for b in work)
 
@@ -255,12 +259,12 @@ def grow(
         return destination.staging
 
     def commit() -> None:
-        from .io.writer import finish, fsync
+        from .io.writer import fsync
 
         results = [per_rank[number % job.world][number] for number in range(len(work))]
-        finish(out_dir, pieces, objects, results,
-               grown_common(info, plan, keep_optimizer, optimizer, second),
-               info.metadata_json(), common_number=len(work))
+        writer.finish(out_dir, pieces, objects, results,
+                      grown_common(info, plan, keep_optimizer, optimizer, second, output),
+                      info.metadata_json(), common_number=len(work))
         if framework_files is not None:
             for path in framework_files.write(staging, out_dir, plan, info.dense_hidden()):
                 fsync(path)
@@ -288,7 +292,7 @@ def grow(
         workers = _processes(workers, len(mine), log)
 
         def grow_mine() -> dict:
-            results = _execute(mine, (info, out_dir, plan, optimizer, second), workers, start, log)
+            results = _execute(mine, (info, out_dir, plan, optimizer, second, writer), workers, start, log)
             pinned.check()  # what this rank read (its window overlaps every other rank's)
             if second_pinned is not None:
                 second_pinned.check(merge.FLAG)

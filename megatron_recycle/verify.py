@@ -220,7 +220,7 @@ def verify(source, grown, plan: Optional[GrowthPlan] = None, optimizer: Optional
         second = provenance.second.path
     second_info = merge.read_second(src, second) if plan.init.from_second else None
     optimizer = optimizer or (provenance.optimizer_policy if provenance else "copy")
-    keep_optimizer = policy.grows_optimizer(optimizer) and manifest.keeps_optimizer(src)
+    keep_optimizer = policy.grows_optimizer(optimizer) and manifest.keeps_optimizer(src, dst.format)
     if plan.source != src.architecture():
         raise GrowthError(f"--source {src.path} is not the plan's source: its architecture is "
                           f"{src.architecture()}, the plan grows {plan.source}")

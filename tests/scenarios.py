@@ -86,6 +86,7 @@ UPCYCLE_EXACT, UPCYCLE_NOISY = WidthGrowth(noise_alpha=0.0), WidthGrowth(noise_a
 FSDP_SPEC = toy.ToySpec(num_layers=2, experts=4, topk=2, shared_expert=16, expert_bias=True,
                         score_function="sigmoid")
 FSDP_PLAN = GrowthPlan(FSDP_SPEC.architecture(), DepthGrowth(2), WidthGrowth(2, noise_alpha=0.01, seed=7))
+FSDP_EXACT_PLAN = GrowthPlan(FSDP_SPEC.architecture(), IDENTITY_DEPTH, EXACT)  # logits kept
 
 # legacy_torch: Megatron-LM's --ckpt-format torch files at TP x PP (uneven stages), TP x EP and
 # (a mixed dense/MoE stack: layers keyed by number) PP x VPP x EP, with a torch_dist checkpoint

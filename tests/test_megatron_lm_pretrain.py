@@ -247,3 +247,36 @@ def test_optimizer_copy_grows_the_adam_state_through_megatron_lm(copy_runs):
     for key in (k for k in grown if k.startswith("optimizer.state.param.")):
         weight = key[len("optimizer.state.param."):]
         assert torch.equal(grown[key], grown[weight]), key  # main params got the weights' noise
+
+
+def test_a_legacy_torch_save_grows_offline_and_trains_on_at_another_layout(megatron_lm, tmp_path):
+    """pretrain_gpt.py --ckpt-format torch at EP2 (files mp_rank_00_000, mp_rank_00_001; TP > 1
+    does not start on CPU: its validate_args asks CUDA for the device architecture), grown
+    offline into torch_dist, loaded plainly by pretrain_gpt.py on one rank (EP1, another layout)
+    with the grown model arguments, trains on from iteration 2 (lr 0: the weights it saves at
+    iteration 4 are the grown checkpoint's, so the load was exact). The legacy optimizer and RNG
+    state are not carried: --no-load-optim --no-load-rng."""
+    from test_offline_tools import cli
+
+    base, grown, trained = tmp_path / "base", tmp_path / "grown", tmp_path / "trained"
+    assert TINY[-2:] == ["--ckpt-format", "torch_dist"]
+    legacy = TINY[:-1] + ["torch"]
+    launch(megatron_lm, 2, "--lr", "1e-3", "--global-batch-size", 4, "--train-iters", 2, "--save-interval", 2,
+           "--save", base, "--expert-model-parallel-size", 2, tiny=legacy)
+    files = sorted(p.parent.name for p in (base / "iter_0000002").glob("mp_rank_*/model_optim_rng.pt"))
+    assert files == ["mp_rank_00_000", "mp_rank_00_001"]
+    log = cli("grow", "--load", base, "--save", grown, "--grow-depth", 2, "--grow-experts", 2).stderr
+    assert "optimizer state (legacy torch, per rank) cannot be grown into torch_dist" in log
+    assert "without the source's RNG state" in log
+    info = CheckpointInfo.read(grown)
+    assert info.format == "torch_dist" and (info.args.num_layers, info.args.num_experts) == (4, 8)
+    grown_model = ["--num-layers", 4, "--num-experts", 8, "--moe-router-topk", 4]
+    _, out = launch(megatron_lm, 1, "--lr", "0", "--global-batch-size", 4, "--train-iters", 4,
+                    "--save-interval", 4, "--load", grown, "--save", trained,
+                    "--no-load-optim", "--no-load-rng", *grown_model)
+    assert f"loading distributed checkpoint from {grown} at iteration 2" in out
+    assert "iteration        3/       4" in out and "iteration        4/       4" in out
+    saved = ckpt_tools.read_checkpoint(trained / "iter_0000004")
+    loaded = ckpt_tools.read_checkpoint(info.path)
+    weights = [k for k in loaded if not k.startswith("optimizer.")]
+    assert len(weights) == 9 and all(torch.equal(saved[k], loaded[k]) for k in weights)

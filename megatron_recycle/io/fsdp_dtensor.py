@@ -11,10 +11,12 @@ shapes; names as `indexing.from_fsdp_dtensor` reads them), the optimizer
 the objects `args`, `iteration`, `checkpoint_version`, `num_floating_point_operations_so_far`,
 `opt_param_scheduler.<field>`, `rng_state.…`, `rerun_state_machine.…`.
 
-Read here: the weights (under torch_dist keys, GLU halves joined), and a common state of args,
-iteration, checkpoint version, FLOPs and scheduler. Not presented: the optimizer state (the
-Megatron-FSDP optimizer's own; growth drops it), RNG and rerun state (not carried across a
-layout change).
+Read here: the weights (under torch_dist keys, GLU halves joined), the per-parameter optimizer
+state of the parameter's shape (as `optimizer.state.<field>.<torch_dist key>`, model-space
+moments; growth carries them into fsdp_dtensor only, `io.formats`), the names of the
+parameter groups' objects (`group_meta`, for the writer), and a common state of args,
+iteration, checkpoint version, FLOPs, scheduler and growth record. Not presented: RNG and
+rerun state (not carried across a layout change).
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ import torch
 
 from .. import indexing
 from ..errors import CheckpointError, GrowthError
+from ..provenance import KEY as PROVENANCE_KEY
 from .reader import SafeFileSystemReader, StoredObject, read_stored, tensor_request
 
 FORMAT = "fsdp_dtensor"
 COMMON_OBJECTS = ("args", "iteration", "checkpoint_version", "num_floating_point_operations_so_far",
-                  "opt_param_scheduler")
+                  "opt_param_scheduler", PROVENANCE_KEY)
 _OPTIMIZER_PREFIX = "optimizer."
+OPTIMIZER_STATE_PREFIX = "optimizer.state.module."  # + the parameter's name + "." + the field
+GROUP_META_PREFIX = "optimizer.param_to_group_meta.module."  # + the parameter's name + "." + field
 
 
 def is_candidate(checkpoint_dir: Path) -> bool:
@@ -69,16 +74,15 @@ class FsdpDtensorCheckpoint:
                 f"{flag} {checkpoint_dir}: a torch DCP checkpoint without metadata.json whose args "
                 f"say --ckpt-format {saved_as!r}; growth reads 'torch_dist' and 'fsdp_dtensor': "
                 "re-save with --ckpt-format torch_dist")
-        stack, keys_map = _layers_stacked(self.args), _layer_keys_map(self.args)
+        tensors = {n: md for n, md in stored.items() if isinstance(md, TensorStorageMetadata)}
+        self.naming = indexing.FsdpNaming.of(tensors, _layers_stacked(self.args), _layer_keys_map(self.args))
         halves: dict[tuple[str, tuple], dict[Optional[str], _Stored]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        self.has_optimizer = False
-        for name, md in stored.items():
-            if not isinstance(md, TensorStorageMetadata):
-                continue
-            self.has_optimizer |= name.startswith(_OPTIMIZER_PREFIX)
-            place = indexing.from_fsdp_dtensor(name, stack, keys_map)
-            if place is None:
+        self.has_optimizer = any(n.startswith(_OPTIMIZER_PREFIX) for n in stored)
+        self.group_meta = _group_meta(metadata)
+        for name, md in tensors.items():
+            place = self.naming.place(name)
+            if place is None or (name.startswith(_OPTIMIZER_PREFIX) and not _per_element(name, md, tensors)):
                 continue
             halves.setdefault((place.key, place.index), {})[place.half] = _Stored(name, tuple(md.size))
             if self.dtypes.setdefault(place.key, md.properties.dtype) != md.properties.dtype:
@@ -135,6 +139,30 @@ class FsdpDtensorCheckpoint:
                     out[(name, i)] = tensor_request(part.key, data.narrow(0, lo - start, hi - lo),
                                                     part.shape, (lo - first,) + offset[1:])
         return out
+
+
+def _group_meta(metadata) -> dict[str, tuple[str, str]]:
+    """The stored parameter-group objects: name → (parameter, field), the parameter taken from
+    torch DCP's record of where each flattened name came from (parameter names hold dots)."""
+    paths = metadata.planner_data or {}
+    out = {}
+    for name in metadata.state_dict_metadata:
+        if not name.startswith(GROUP_META_PREFIX):
+            continue
+        path = paths.get(name)
+        if path:  # ("optimizer", "param_to_group_meta", "module.<parameter>", field)
+            out[name] = (path[2][len("module."):], ".".join(map(str, path[3:])))
+        else:
+            param, _, field = name[len(GROUP_META_PREFIX):].rpartition(".")
+            out[name] = (param, field)
+    return out
+
+
+def _per_element(name: str, md, tensors: dict) -> bool:
+    """Whether an optimizer state tensor is its parameter's shape (a moment, a master copy),
+    so the growth mapping applies to it."""
+    param = indexing.FSDP_MODEL_PREFIX + name[len(OPTIMIZER_STATE_PREFIX):].rpartition(".")[0]
+    return param in tensors and tuple(tensors[param].size) == tuple(md.size)
 
 
 def _joined(checkpoint_dir: Path, unit, parts: dict) -> tuple[tuple[_Stored, int], ...]:

@@ -3,11 +3,16 @@ weights, for tests/test_fsdp_dtensor.py.
 
 Usage: torchrun --nproc-per-node 2 fsdp_dtensor_source.py source OUT
        torchrun --nproc-per-node 2 fsdp_dtensor_source.py load GROWN_ITER_DIR OUT
+       torchrun --nproc-per-node 2 fsdp_dtensor_source.py logits SOURCE_ITER_DIR GROWN_ITER_DIR OUT
 `source` writes OUT/fsdp (fsdp_dtensor) and OUT/td (torch_dist), both iteration 5, of FSDP_SPEC
 at EP2. `load` loads a torch_dist checkpoint grown from OUT/fsdp by FSDP_PLAN with plain
 megatron-core at EP2 (strictness `log_all`: fsdp_dtensor stores no `_extra_state`, so neither
 does what is grown from it), checks every local shard against the checkpoint's tensors and
-writes OUT/load.json (shards compared, module keys left unloaded).
+writes OUT/load.json (shards compared, module keys left unloaded). `logits` loads an
+fsdp_dtensor source and the fsdp_dtensor checkpoint grown from it (by FSDP_EXACT_PLAN) as
+Megatron-LM's fsdp_dtensor load does (the state dict of a model of its size through the same
+key functions, torch DCP's `load` with every key required), then undoes those functions into
+the modules and writes OUT/logits.json: max |grown - source| / max |source| over the logits.
 
 Megatron-FSDP cannot be built on CPU (its constructor makes CUDA streams), so the model is a
 plain GPTModel and its state dict goes through what Megatron-LM's
@@ -47,12 +52,12 @@ ITERATION = 5
 _SWIGLU = re.compile(r"\.mlp\.(experts\.local_experts\.\d+\.|shared_experts\.)?linear_fc1\.(weight|bias)$")
 
 
-def fsdp_state(model, args) -> dict:
+def fsdp_state(model, args, experts=FSDP_SPEC.experts) -> dict:
     sd = dict(model.state_dict_for_save_checkpoint())
     handle_fp8_extra_state_case(sd)
     for key in [k for k in sd if _SWIGLU.search(k)]:
         sd[f"{key}_w"], sd[f"{key}_v"] = (t.clone() for t in torch.chunk(sd.pop(key), 2, dim=0))
-    sd = handle_experts_in_state_dict(sd, FSDP_SPEC.experts)
+    sd = handle_experts_in_state_dict(sd, experts)
     mesh = DeviceMesh("cpu", list(range(dist.get_world_size())))
     model_sd = {k: (v.detach().clone() if ".mlp.experts." in k else
                     distribute_tensor(v.detach().clone(), mesh, [Shard(0)])) for k, v in sd.items()}
@@ -101,8 +106,51 @@ def load_grown(grown: Path, out: Path):
     _boot.finish()
 
 
+def load_fsdp(spec, path: Path):
+    """A model of `spec` at LAYOUT loaded from the fsdp_dtensor checkpoint `path`."""
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.tensor import DTensor
+
+    toy.init_parallel(LAYOUT)
+    (model,) = toy.build(spec, LAYOUT, seed=9)
+    args = toy.megatron_args(spec, LAYOUT, ckpt_format="fsdp_dtensor", use_megatron_fsdp=True,
+                             transformer_impl="local")
+    request = fsdp_state(model, args, spec.experts)
+    dcp_load(request, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=False))
+    # the key functions undone: global expert names → local, DTensors whole, GLU halves joined
+    names = [k for k in model.state_dict_for_save_checkpoint() if "_extra_state" not in k]
+    names = [n for k in names for n in ((f"{k}_w", f"{k}_v") if _SWIGLU.search(k) else (k,))]
+    local = handle_experts_in_state_dict({n: n for n in names}, spec.experts)  # global → local
+    state = {}
+    for name, value in request["model"].items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        key = local[name]
+        key, half = (key[:-2], key[-1]) if _SWIGLU.search(key[:-2]) else (key, None)
+        state.setdefault(key, {})[half] = value
+    state = {k: torch.cat([v["w"], v["v"]]) if None not in v else v[None] for k, v in state.items()}
+    unloaded = model.load_state_dict(state, strict=False)
+    assert not unloaded.unexpected_keys and all("_extra_state" in k for k in unloaded.missing_keys), unloaded
+    return model
+
+
+def compare_logits(source: Path, grown: Path, out: Path):
+    from function_preservation import logits
+
+    from scenarios import FSDP_EXACT_PLAN
+
+    _boot.init()
+    source_logits = logits([load_fsdp(FSDP_SPEC, source)], FSDP_SPEC)
+    grown_logits = logits([load_fsdp(FSDP_SPEC.grown(FSDP_EXACT_PLAN), grown)], FSDP_SPEC)
+    _boot.report(out / "logits.json", float((grown_logits - source_logits).abs().max()
+                                             / source_logits.abs().max()), every_rank=False)
+    _boot.finish()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "source":
         save_sources(Path(sys.argv[2]))
+    elif sys.argv[1] == "logits":
+        compare_logits(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     else:
         load_grown(Path(sys.argv[2]), Path(sys.argv[3]))
