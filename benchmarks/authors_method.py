@@ -123,7 +123,7 @@ def grow_width(model: Model, experts: int, alpha: float, gen: torch.Generator,
     """Expert e copied to e + experts; router rows [original; copy]; noise on every copy."""
     state = dict(model)
     for (key, layer, expert), t in model.items():
-        base = t * multiplier  # the originals of the expert tensors stay as they are (theirs too)
+        base = t * multiplier  # their load_in_func; an expert's original stays in place, this is its copy
         if key.endswith(ROUTER):
             second = add_noise(base, alpha, gen) if alpha > 0 else base
             state[(key, layer, expert)] = torch.cat([base, second], dim=0)
@@ -161,12 +161,16 @@ def main(argv=None):
 
     import torch.distributed as dist
 
+    from megatron_recycle.errors import GrowthError
     from megatron_recycle.io.checkpoint import CheckpointInfo
     from megatron_recycle.testing import cpu, toy
 
     cpu.install()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    info = CheckpointInfo.read(args.load)
+    try:
+        info = CheckpointInfo.read(args.load)
+    except GrowthError as e:  # CheckpointError too
+        refuse(str(e))
     model, layers, experts = load_whole(info)
     model = grow_depth(model, args.grow_depth)
     model = grow_width(model, experts, args.grow_noise_alpha, torch.Generator().manual_seed(args.seed))
