@@ -26,7 +26,8 @@ copied into after each growth step, as building a model and `load_state_dict` do
 random initialisation a real build also spends time on: the stand-in errs toward the
 contender's speed), and it handles what `benchmarks/synthetic_moe.py` writes: tensors only
 (no `_extra_state` objects, no optimizer state), every decoder layer an MoE layer. Its memory
-is the whole source and the whole grown model at once (about 3.5-7x the source).
+holds the whole source, the depth-grown model, the copies and the grown model at once, as
+theirs does: peak RSS measured at 8.9-9.9x the source (0.5-1 GB sources, depth x2 + experts x2).
 
 At alpha 0 its output equals `megatron-recycle grow --grow-noise-alpha 0` bit for bit, the
 growth record aside (tests/test_benchmarks_authors.py).
