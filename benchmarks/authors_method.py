@@ -3,7 +3,7 @@
     python benchmarks/authors_method.py --load SRC --save DST [--grow-depth 2] [--grow-experts 2]
         [--grow-noise-alpha 0.01] [--seed 0]
 
-What it mirrors: "Recycling Pretrained Checkpoints: Orthogonal Growth of Mixture-of-Experts"
+What it mirrors: "Recycling Pretrained Checkpoints: Orthogonal Growth of MoE"
 (Mr-Philo/Orthogonal-Model-Growth), its Megatron integration
 `integration/megatron/Offline_checkpoint_growth.py` and the same algorithm in `growth/algorithm.py`:
 
