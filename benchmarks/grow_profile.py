@@ -7,7 +7,7 @@ Builds the synthetic source of `load_growth.py` (or takes `--source`), then runs
 interpreter start, imports (and whether megatron.core was imported), opening the source
 (metadata, common state), reading boxes, copies + noise, serializing and writing each batch
 (time inside the file's write() calls apart), fsync (with dropping the pages), commit
-(metadata, common state, rename), and the interpreter's shutdown after `main` returned.
+(metadata, common state, rename), and the exit after `main` returned (`cli.run`).
 Stages run on three threads (grow, writer, fsync), so they overlap: each row is the busy
 time of its stage and its share of the whole command's wall time.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,8 @@ def child(source: str, dest: str, spawned: float) -> None:
     }
     print(json.dumps({"rc": rc, "stages": stages, "main_end": time.time(), "writes": writes,
                       "megatron_core_imported": "megatron.core" in sys.modules}), flush=True)
+    sys.stderr.flush()
+    os._exit(rc)  # as the command's entry point leaves (`cli.run`)
 
 
 def profile(source: Path, dest: Path) -> dict:
