@@ -123,8 +123,11 @@ class MegatronEnum:
     def __init__(self, value):
         self.value = value
 
-    def __reduce__(self):  # between our own processes (--workers): a stand-in again
-        return _stand_in_member, (f"{type(self).__module__}.{type(self).__qualname__}", self.value)
+    def __reduce__(self):
+        """Pickled by anything but `torch_save` (`--workers`, a caller's own save): as
+        megatron-core's own member, importing megatron-core then; a stand-in never leaks."""
+        enum_class = getattr(importlib.import_module(type(self).__module__), type(self).__qualname__)
+        return enum_class, (self.value,)
 
     def __eq__(self, other):
         return type(self) is type(other) and self.value == other.value
@@ -162,10 +165,6 @@ def _plain_globals() -> tuple:
 
     return (types.SimpleNamespace, PosixPath, _reconstruct, numpy.ndarray, numpy.dtype, UInt32DType,
             argparse.Namespace, io.BytesIO, signal.Signals, torch._C.Generator)
-
-
-def _stand_in_member(path: str, value) -> MegatronEnum:
-    return _stand_ins()[path](value)
 
 
 def _path(g) -> str:
