@@ -27,5 +27,5 @@ setup(
         "eval": ["safetensors>=0.4", "transformers", "lm-eval>=0.4.13,<0.5", "accelerate>=1.0"],
         "test": ["pytest"],
     },
-    entry_points={"console_scripts": ["megatron-recycle=megatron_recycle.cli:main"]},
+    entry_points={"console_scripts": ["megatron-recycle=megatron_recycle.cli:run"]},
 )

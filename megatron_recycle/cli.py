@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import traceback
@@ -311,5 +312,16 @@ def _report(args, message: str) -> None:
     print(f"megatron-recycle {args.command}: {message}", file=sys.stderr, flush=True)
 
 
+def run() -> None:
+    """The command line's entry point: `main`, then exit without the interpreter's teardown of
+    the ~3,000 modules torch loads (1.2 s measured, after a grow of 1 GB). Everything a command
+    writes is durable and every thread, process and process group it started has ended by
+    the time `main` returns."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -15,6 +15,9 @@ of the package is written once against these functions; no other module asks for
 from __future__ import annotations
 
 import functools
+import importlib.util
+import re
+import sys
 from pathlib import Path
 
 from packaging.version import Version
@@ -27,7 +30,16 @@ COMMON_STATE_OBJECT = "common_state"  # the ShardedObject key megatron-core 0.19
 
 @functools.lru_cache(maxsize=1)
 def megatron_core_version() -> Version:
-    from megatron.core import package_info
+    """The version of the megatron-core `import megatron.core` gives, read from its
+    `package_info.py` without importing it (seconds: its import runs torch.compile)."""
+    info = sys.modules.get("megatron.core.package_info")
+    spec = None if info is not None else importlib.util.find_spec("megatron.core")
+    if spec is not None and spec.submodule_search_locations:
+        text = (Path(list(spec.submodule_search_locations)[0]) / "package_info.py").read_text()
+        fields = dict(re.findall(r"^(MAJOR|MINOR|PATCH|PRE_RELEASE) = ['\"]?([\w.]*)['\"]?\s*$", text, re.M))
+        if {"MAJOR", "MINOR", "PATCH"} <= set(fields):
+            return Version(f"{fields['MAJOR']}.{fields['MINOR']}.{fields['PATCH']}{fields.get('PRE_RELEASE', '')}")
+    from megatron.core import package_info  # not laid out as we read it: ask it
 
     return Version(package_info.__version__)
 
@@ -62,9 +74,18 @@ def check_loadable(info, flag: str = "--load") -> None:
 
 def common_state_storage_key() -> str:
     """The storage key of the common state object: `common_state/shard_0_1`."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from .mapping import object_storage_key
 
-    return ShardedObject(COMMON_STATE_OBJECT, None, (1,), (0,)).unique_key
+    return object_storage_key(COMMON_STATE_OBJECT, (1,), (0,))
+
+
+def torch_dist_metadata() -> dict:
+    """The `metadata.json` megatron-core writes for a torch_dist checkpoint (its
+    CheckpointingConfig): up to 0.18 it also names the common state's backend."""
+    config = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+    if not saves_common_state_object():
+        config.update(common_backend="torch", common_backend_version=1)
+    return config
 
 
 def is_common_state_object(storage_key: str) -> bool:

@@ -6,7 +6,7 @@
 2. Check, before anything is written: the options, the source's files against its
    `integrity.json` where it has one, the destination (`io/destination.py`: lock, what
    `--overwrite` may replace, free space).
-3. Grow and write: each batch is grown by the load hook's own code (`load_hook.grow_state_dict`,
+3. Grow and write: each batch is grown by the load hook's own code (`engine.grow_state_dict`,
    so the output is the hook's output by construction) from boxes read in this process, and
    written as one more `.distcp` file into a private staging directory; one process grows a
    batch while it writes the previous one, and files are fsynced in the background. Batches
@@ -76,14 +76,12 @@ class BatchGrower:
                 done(*writing.result())
 
     def grow(self, batch: Batch) -> dict:
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-        from .io.reader import box_request
-        from .load_hook import grow_state_dict
+        from .engine import grow_state_dict
+        from .io.reader import ObjectRequest, box_request
 
         request = {f"t{i}": box_request(p.box, p.dtype) for i, p in enumerate(batch.pieces)}
         for i, o in enumerate(batch.objects):
-            request[f"o{i}"] = ShardedObject(o.key, None, o.global_shape, o.offset, replica_id=0)
+            request[f"o{i}"] = ObjectRequest(o.key, tuple(o.global_shape), tuple(o.offset))
         return grow_state_dict(self.plan, self.source, request,
                                self.source.read_boxes, self.optimizer, self.second)
 

@@ -19,7 +19,7 @@ import torch
 import ckpt_tools
 from conftest import run_ranks
 from megatron_recycle.errors import GrowthError
-from test_offline_tools import GROW_FLAGS, cli
+from test_offline_tools import GROW_FLAGS, cli, offline_tools_import_megatron_core
 
 OTHER = os.environ.get("MEGATRON_RECYCLE_OTHER_PYTHON")
 pytestmark = pytest.mark.skipif(
@@ -46,6 +46,10 @@ def test_the_other_lines_checkpoint_reads_here(other):
     assert s["architecture"]["topk"] == 2 and s["optimizer_format"] == "fully_reshardable"
     r = json.loads(cli("plan", "--load", other / "src", *GROW_FLAGS, "--json").stdout)
     assert r["layers"] == [4, 8] and r["topk"] == [2, 4]
+
+
+def test_the_offline_tools_start_without_megatron_core_on_the_other_lines_form(other, tmp_path):
+    assert offline_tools_import_megatron_core(other / "src", tmp_path) == []
 
 
 def test_both_lines_grow_it_to_the_same_tensors_bit_for_bit(other):

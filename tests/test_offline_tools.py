@@ -23,6 +23,27 @@ def cli(*args, check=True):
     return proc
 
 
+def imports_megatron_core(*args) -> bool:
+    """Run `megatron-recycle ARGS` (rc 0) in a fresh interpreter; whether it imported megatron.core."""
+    code = "import sys; from megatron_recycle.cli import main; rc = main(sys.argv[1:]); " \
+           "print('\\n', rc, 'megatron.core' in sys.modules)"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    rc, imported = proc.stdout.split()[-2:] if proc.returncode == 0 else ("?", "?")
+    assert rc == "0", f"megatron-recycle {args[0]} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
+    return imported == "True"
+
+
+def offline_tools_import_megatron_core(src, tmp_path) -> list:
+    """The offline tools that imported megatron.core, run on the torch_dist checkpoint `src`."""
+    out = tmp_path / "grown-without-megatron-core"
+    runs = {"inspect": ("inspect", src), "plan": ("plan", "--load", src, *GROW_FLAGS),
+            "grow": ("grow", "--load", src, "--save", out, *GROW_FLAGS),
+            "verify": ("verify", "--source", src, "--grown", out)}
+    return [name for name, args in runs.items() if imports_megatron_core(*args)]
+
+
 @pytest.fixture(scope="module")
 def grown(offline_sources):
     out = offline_sources
@@ -62,10 +83,47 @@ def test_common_state_describes_the_grown_model_and_its_provenance(grown):
     assert common.keys() == dist_checkpointing.load_common_state_dict(str(iteration)).keys()
     args = common["args"]
     assert (args.num_layers, args.num_experts, args.moe_router_topk) == (8, 8, 4)
+    # written by a process that never imported megatron-core: its enum is megatron-core's again
+    from megatron.core.transformer.enums import AttnBackend
+
+    assert dist_checkpointing.load_common_state_dict(str(iteration))["args"].attention_backend is AttnBackend.auto
     prov = Provenance.from_dict(common["megatron_recycle"])
     assert prov.plan == PLAN.describe() and prov.grown_by == "offline" and prov.schema == 2
     assert prov.source.iteration == 5 and prov.seed == 7 and prov.optimizer == "grown"
     assert prov.source.path == str((out / "src" / "iter_0000005").resolve())
+
+
+def test_the_offline_tools_start_without_megatron_core(grown, tmp_path):
+    """Its import takes seconds (it runs torch.compile); a torch_dist source in this line's
+    common-state form, with an enum in its args, needs none of it."""
+    out, _, _ = grown
+    assert offline_tools_import_megatron_core(out / "src", tmp_path) == []
+
+
+def test_a_common_state_read_without_megatron_core_is_written_back_byte_for_byte(grown):
+    """Its enums read as stand-ins pickle to the bytes megatron-core's own members do."""
+    import io
+    import zipfile
+
+    from megatron_recycle.io.checkpoint import read_common_state
+
+    def pickled(save) -> bytes:
+        buf = io.BytesIO()
+        save(buf)
+        with zipfile.ZipFile(buf) as z:
+            return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+
+    out, _, _ = grown
+    source = out / "src" / "iter_0000005"
+    common = read_common_state(source)  # here megatron-core is imported: its own enums
+    assert type(common["args"].attention_backend).__module__ == "megatron.core.transformer.enums"
+    code = ("import sys; from megatron_recycle.io.checkpoint import read_common_state; "
+            "from megatron_recycle.io.safe_pickle import torch_save; "
+            "common = read_common_state(__import__('pathlib').Path(sys.argv[1])); "
+            "assert 'megatron.core' not in sys.modules; torch_save(common, sys.stdout.buffer)")
+    proc = subprocess.run([sys.executable, "-c", code, source], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert pickled(lambda f: f.write(proc.stdout)) == pickled(lambda f: torch.save(common, f))
 
 
 def test_one_worker_and_big_batches_write_the_same_tensors(grown):

@@ -231,15 +231,15 @@ def test_a_zeroed_copy_reads_nothing_of_its_source():
     import torch
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_recycle.load_hook import execute, prepare
+    from megatron_recycle.engine import execute, prepare
 
     key, shapes = "decoder.layers.self_attention.linear_proj.weight", {
         "decoder.layers.self_attention.linear_proj.weight": (1, 4, 4)}
     plan = GrowthPlan(Architecture(1), DepthGrowth(2, zero_copy_outputs=True))
     copy, original = (ShardedTensor.from_rank_offsets(key, torch.ones(4, 4), (0, layer, 2), prepend_axis_num=1)
                       for layer in (1, 0))
-    work = prepare(plan, shapes, {"copy": copy}, "copy", set())
+    work = prepare(plan, shapes, [copy], "copy", set())
     assert work.request == {} and work.boxes == []
     loaded = execute(work, plan, lambda request: {}, lambda request: {})
-    assert torch.equal(loaded["copy"], torch.zeros(4, 4))
-    assert len(prepare(plan, shapes, {"copy": copy, "original": original}, "copy", set()).boxes) == 1
+    assert torch.equal(loaded[id(copy)], torch.zeros(4, 4))
+    assert len(prepare(plan, shapes, [copy, original], "copy", set()).boxes) == 1

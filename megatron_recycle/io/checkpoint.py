@@ -11,7 +11,6 @@ same terms (`fsdp_dtensor.py`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 def read_common_state(checkpoint_dir: Path) -> dict[str, Any]:
     """The common state of an iteration directory, in either form, unpickled with
-    `weights_only=True` and megatron-core's safe globals (args, its enums). Content that needs
+    `weights_only=True` and megatron-core's safe globals (args, its enums; `safe_pickle.load`). Content that needs
     unsafe unpickling is refused, never loaded. (megatron-core 0.19's own
     `load_common_state_dict` reads the object form through torch DCP's default planner, which
     unpickles with `weights_only=False`.)"""
@@ -193,9 +192,7 @@ class CheckpointInfo:
         own = self.path / "metadata.json"
         if own.exists():
             return own.read_bytes()
-        from megatron.core.dist_checkpointing.core import CheckpointingConfig
-
-        return json.dumps(dataclasses.asdict(CheckpointingConfig("torch_dist", 1))).encode()
+        return json.dumps(compat.torch_dist_metadata()).encode()
 
     def reading_notes(self) -> list[str]:
         """What of this checkpoint a grown copy does not carry, beyond its optimizer state."""

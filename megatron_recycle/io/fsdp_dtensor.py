@@ -32,7 +32,7 @@ import torch
 from .. import indexing
 from ..errors import CheckpointError, GrowthError
 from ..provenance import KEY as PROVENANCE_KEY
-from .reader import SafeFileSystemReader, StoredObject, read_stored, tensor_request
+from .reader import SafeFileSystemReader, StoredObject, is_tensor_request, read_stored, tensor_request
 
 FORMAT = "fsdp_dtensor"
 COMMON_OBJECTS = ("args", "iteration", "checkpoint_version", "num_floating_point_operations_so_far",
@@ -116,11 +116,9 @@ class FsdpDtensorCheckpoint:
     def stored_requests(self, requests: dict) -> dict:
         """`requests` (torch_dist keys) as requests of the stored tensors, filling the same
         destination tensors (a GLU half each its rows); objects pass through."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
         out = {}
         for name, sh in requests.items():
-            if not isinstance(sh, ShardedTensor):
+            if not is_tensor_request(sh):
                 out[name] = sh
                 continue
             prepend = sh.prepend_axis_num

@@ -127,11 +127,11 @@ class LegacyTorchCheckpoint(CheckpointInfo):
 
     def read_boxes(self, requests: dict) -> dict:
         """As `io.reader.read_boxes`; a box may span several layer/expert units."""
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
+        from .reader import is_object_request
 
         files, out, assembled = _Files(self.path), {}, {}
         for name, sh in requests.items():
-            if isinstance(sh, ShardedObject):
+            if is_object_request(sh):
                 part = self.object_parts.get((sh.key, tuple(sh.global_offset)))
                 if part is None:
                     raise GrowthError(f"object {sh.unique_key!r} is not in the checkpoint")

@@ -4,8 +4,9 @@ without running code from the checkpoint.
 megatron-core's own reader turns requests into torch ShardedTensors on a regular grid and
 counts the missing grid cells as "other ranks' shards", which cannot work in a world of one
 for partial tensors. The offline tools read in plain processes, so they ask torch DCP for
-the boxes directly: each request (a megatron-core ShardedTensor or ShardedObject) becomes
-DCP read items for exactly its box, read into the request's own tensor. `.metadata` is
+the boxes directly: each request (ours, `TensorRequest` / `ObjectRequest`, or megatron-core's
+ShardedTensor / ShardedObject, which carry the same fields) becomes DCP read items for exactly
+its box, read into the request's own tensor; megatron-core is never imported here. `.metadata` is
 unpickled with an allow-list and objects with `weights_only=True` (torch DCP's own planner
 unpickles objects with `weights_only=False`). Requests name torch_dist keys; an
 `fsdp_dtensor` checkpoint's are translated to what it stores (`fsdp_dtensor.py`).
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import io
+import sys
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -36,8 +39,8 @@ from torch.distributed.checkpoint.planner_helpers import (
 )
 
 from ..errors import CheckpointError, GrowthError
-from ..mapping import Box
-from .safe_pickle import forbidden, load_metadata, refusal
+from ..mapping import Box, object_storage_key
+from .safe_pickle import forbidden, load, load_metadata, refusal
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -60,6 +63,52 @@ class SafeFileSystemReader(FileSystemReader):
 @functools.lru_cache(maxsize=2)
 def _cached_metadata(path: str, mtime_ns: int, size: int) -> Metadata:
     return load_metadata(Path(path))  # keyed by mtime and size: never stale
+
+
+@dataclass
+class TensorRequest:
+    """A read of the box of tensor `key` at `global_offset` (prepended indices first) into
+    `data` (`local_shape`: the box's shape, default `data`'s)."""
+
+    key: str
+    data: torch.Tensor
+    global_shape: tuple
+    global_offset: tuple
+    prepend_axis_num: int = 0
+    local_shape: Optional[tuple] = None
+
+    def __post_init__(self):
+        if self.local_shape is None:
+            self.local_shape = tuple(self.data.shape)
+
+
+@dataclass(frozen=True)
+class ObjectRequest:
+    """A read of the object torch_dist stores for `key` at `global_offset` of `global_shape`
+    (a megatron-core ShardedObject's fields)."""
+
+    key: str
+    global_shape: tuple
+    global_offset: tuple
+
+    @property
+    def unique_key(self) -> str:
+        return object_storage_key(self.key, self.global_shape, self.global_offset)
+
+
+def _megatron_requests() -> tuple:
+    """megatron-core's request types, where it is imported (only then can a request be one)."""
+    mapping = sys.modules.get("megatron.core.dist_checkpointing.mapping")
+    return () if mapping is None else (mapping.ShardedTensor, mapping.ShardedObject)
+
+
+def is_tensor_request(request) -> bool:
+    return isinstance(request, (TensorRequest, *_megatron_requests()[:1]))
+
+
+def is_object_request(request) -> bool:
+    """Ours or megatron-core's ShardedObject (not a `StoredObject`)."""
+    return isinstance(request, (ObjectRequest, *_megatron_requests()[1:]))
 
 
 @dataclass(frozen=True)
@@ -85,13 +134,11 @@ class _BoxPlanner(LoadPlanner):
         self.metadata = metadata
 
     def create_local_plan(self) -> LoadPlan:
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-
         items = []
         stored = self.metadata.state_dict_metadata
         for name, sh in self.requests.items():
-            if isinstance(sh, (ShardedObject, StoredObject)):
-                key = sh.unique_key if isinstance(sh, ShardedObject) else sh.key
+            if isinstance(sh, StoredObject) or is_object_request(sh):
+                key = sh.key if isinstance(sh, StoredObject) else sh.unique_key
                 if key not in self.names_of_objects:
                     if not isinstance(stored.get(key), BytesStorageMetadata):
                         raise GrowthError(f"object {key!r} is not in the checkpoint")
@@ -140,9 +187,9 @@ class _BoxPlanner(LoadPlanner):
     def load_bytes(self, read_item, value) -> None:
         fqn = read_item.dest_index.fqn
         try:
-            obj = torch.load(value, weights_only=True)
+            obj = load(value)
             if isinstance(obj, io.BytesIO):  # saved through torch DCP's default planner, which
-                obj = torch.load(obj, weights_only=True)  # wraps bytes once more (as megatron-core reads it)
+                obj = load(obj)  # wraps bytes once more (as megatron-core reads it)
             self.objects[fqn] = obj
         except Exception as e:
             what = refusal(e) if forbidden(e) else f"garbled ({type(e).__name__}: {e})"
@@ -161,11 +208,7 @@ class _BoxPlanner(LoadPlanner):
 def tensor_request(key: str, data: torch.Tensor, global_shape, global_offset, prepend_axis_num: int = 0):
     """A read request: the box of `key` at `global_offset` (prepended indices first) the shape
     of `data`, into `data`."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    return ShardedTensor(key=key, data=data, dtype=data.dtype, local_shape=tuple(data.shape),
-                         global_shape=tuple(global_shape), global_offset=tuple(global_offset),
-                         axis_fragmentations=None, replica_id=0, prepend_axis_num=prepend_axis_num)
+    return TensorRequest(key, data, tuple(global_shape), tuple(global_offset), prepend_axis_num)
 
 
 def box_request(box: Box, dtype: torch.dtype):
@@ -175,8 +218,8 @@ def box_request(box: Box, dtype: torch.dtype):
 
 
 def read_boxes(checkpoint_dir, requests: dict) -> dict:
-    """`requests`: name → megatron-core ShardedTensor (its `data` is filled in place, so it must
-    be contiguous), ShardedObject or StoredObject, by torch_dist key. Returns name → tensor or
+    """`requests`: name → tensor request (its `data` is filled in place, so it must be
+    contiguous), object request or StoredObject, by torch_dist key. Returns name → tensor or
     object, like megatron-core."""
     from .fsdp_dtensor import open_checkpoint
 
@@ -246,10 +289,7 @@ def _read(checkpoint_dir, requests: dict) -> dict:
 
 def read_object(checkpoint_dir, key: str, global_shape=(1,), global_offset=(0,)):
     """One ShardedObject's value."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return read_boxes(checkpoint_dir, {"o": ShardedObject(key, None, global_shape, global_offset,
-                                                          replica_id=0)})["o"]
+    return read_boxes(checkpoint_dir, {"o": ObjectRequest(key, tuple(global_shape), tuple(global_offset))})["o"]
 
 
 def _cause(e: BaseException) -> BaseException:

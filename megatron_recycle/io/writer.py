@@ -20,6 +20,7 @@ import torch
 from .. import compat
 from ..errors import CheckpointError
 from ..manifest import ObjectRef, Piece
+from .safe_pickle import torch_save
 
 
 def write_batch(out_dir: Path, number: int, pieces: Sequence[Piece], objects: Sequence[ObjectRef],
@@ -79,7 +80,7 @@ def finish(out_dir: Path, pieces: Sequence[Piece], objects: Sequence[ObjectRef],
         metadata.state_dict_metadata[key] = BytesStorageMetadata()
     else:
         with open(out_dir / compat.COMMON_STATE_FILE, "wb") as f:
-            torch.save(common, f)
+            torch_save(common, f)
             f.flush()
             os.fsync(f.fileno())
     writer = FileSystemWriter(out_dir, single_file_per_rank=True)
@@ -93,16 +94,21 @@ def finish(out_dir: Path, pieces: Sequence[Piece], objects: Sequence[ObjectRef],
 
 
 def fsync_results(out_dir: Path, results) -> None:
-    """Make the files a batch wrote durable."""
+    """Make the files a batch wrote durable, and drop them from the page cache: nothing here
+    reads them again, and a cache full of written pages makes every later write slower
+    (measured at 4 GB: the whole grow in half the time)."""
     for name in {r.storage_data.relative_path for r in results}:
-        fsync(out_dir / name)
+        fsync(out_dir / name, drop_cache=True)
 
 
-def fsync(path: Path) -> None:
-    """Make a file, or a directory's entries, durable."""
+def fsync(path: Path, drop_cache: bool = False) -> None:
+    """Make a file, or a directory's entries, durable; `drop_cache`: then evict its pages
+    (where the OS has posix_fadvise: Linux)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -110,7 +116,7 @@ def fsync(path: Path) -> None:
 def object_bytes(obj) -> io.BytesIO:
     """Serialised as megatron-core's torch_dist save does (a one-element list)."""
     buf = io.BytesIO()
-    torch.save([obj], buf)
+    torch_save([obj], buf)
     buf.seek(0)
     return buf
 

@@ -29,6 +29,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject, ShardedTensor
+from megatron.core.transformer.enums import AttnBackend
 
 import ckpt_tools
 from megatron_recycle.testing import toy
@@ -76,7 +77,9 @@ def save_sources(out, extra_state=True):
     toy.init_parallel(toy.Layout(tp=2))
     chunks = toy.build(SPEC, toy.Layout(tp=2), seed=1)
     state = with_optimizer(chunks, seed=5)
-    state.update(args=toy.megatron_args(SPEC, toy.Layout(tp=2)), iteration=5)
+    # an enum in the args, as Megatron-LM's (--attention-backend): read and written back as itself
+    state.update(args=toy.megatron_args(SPEC, toy.Layout(tp=2), attention_backend=AttnBackend.auto),
+                 iteration=5)
     if not extra_state:
         toy.save_checkpoint(f"{out}/src-no-extra-state", 5, without_extra_state(state))
         return
