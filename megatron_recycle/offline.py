@@ -202,14 +202,13 @@ def grow(
     tracker = tracker_text(info)
     plan = growth.plan(info.architecture())
     output = formats.output_format(info.format, ckpt_format)
-    second_pinned = second = None
-    if growth.second is not None:  # pinned as the source is, before it is read
-        second_pinned = SourceSnapshot.take(resolve(growth.second, None, merge.FLAG))
-        second = merge.read_second(info, growth.second)
+    # pinned as the source is, before it is read
+    second = None if growth.second is None else merge.Second.read(info, growth.second)
+    second_info = None if second is None else second.info
     optimizer = growth.optimizer
     keep_optimizer = policy.grows_optimizer(optimizer) and keeps_optimizer(info, output)
     if second is not None and keep_optimizer:
-        merge.check_optimizer(info, second)
+        merge.check_optimizer(info, second_info)
     if workers < 1:
         raise GrowthError(f"--workers must be >= 1, got {workers}")
     job = Job.current()
@@ -261,7 +260,7 @@ def grow(
 
         results = [per_rank[number % job.world][number] for number in range(len(work))]
         writer.finish(out_dir, pieces, objects, results,
-                      grown_common(info, plan, keep_optimizer, optimizer, second, output),
+                      grown_common(info, plan, keep_optimizer, optimizer, second_info, output),
                       info.metadata_json(), common_number=len(work))
         if framework_files is not None:
             for path in framework_files.write(staging, out_dir, plan, info.dense_hidden()):
@@ -275,8 +274,8 @@ def grow(
         (staging / TRACKER_FILE).write_text(tracker)  # last: only now is it a checkpoint
         fsync(staging / TRACKER_FILE)
         pinned.check()  # after every rank's last read
-        if second_pinned is not None:
-            second_pinned.check(merge.FLAG)
+        if second is not None:
+            second.check_unchanged()
         destination.commit()
 
     with contextlib.ExitStack() as stack:  # on rank 0: the destination's lock and staging
@@ -290,10 +289,10 @@ def grow(
         workers = _processes(workers, len(mine), log)
 
         def grow_mine() -> dict:
-            results = _execute(mine, (info, out_dir, plan, optimizer, second, writer), workers, start, log)
+            results = _execute(mine, (info, out_dir, plan, optimizer, second_info, writer), workers, start, log)
             pinned.check()  # what this rank read (its window overlaps every other rank's)
-            if second_pinned is not None:
-                second_pinned.check(merge.FLAG)
+            if second is not None:
+                second.check_unchanged()
             return results
 
         per_rank = job.on_every_rank(grow_mine)
