@@ -167,7 +167,7 @@ def main():
                             args.authors_max_gb))
     names = [*variants(args.workers, args.ranks), "authors", "copy"]
     print("\n" + table(rows, names, f"grow_w{args.workers[0]}"))
-    summary = {"argv": sys.argv[1:], "repeats": args.repeats, "authors_max_gb": args.authors_max_gb,
+    summary = {"sizes_gb": args.sizes_gb, "workers": args.workers, "ranks": args.ranks, "repeats": args.repeats, "authors_max_gb": args.authors_max_gb,
                "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "rows": rows}
     for n in names:
         measured = [r for r in rows if f"{n}_s" in r]
