@@ -19,7 +19,7 @@ import torch
 from . import indexing, merge, ops, policy
 from .errors import CheckpointError
 from .io.checkpoint import CheckpointInfo
-from .io.reader import ObjectRequest, TensorRequest, is_object_request, is_tensor_request, tensor_request
+from .io.reader import ObjectRequest, TensorRequest, box_request, is_object_request, is_tensor_request
 from .mapping import Box, Fill, map_object, map_shard
 from .plan import GrowthError, GrowthPlan
 
@@ -29,8 +29,8 @@ _OPTIMIZER_KEYS = ("optimizer.", "chained_")
 # Reads a request (name → tensor / object request) from a checkpoint and returns name →
 # tensor / object, as `TorchDistLoadShardedStrategy.load` does.
 Reader = Callable[[dict], dict]
-# The request reading a source box into a tensor (None: a fresh one) of a dtype.
-BoxRequest = Callable[[Box, Optional[torch.Tensor], torch.dtype], object]
+# The request reading a source box, of a dtype, into a tensor (None: a fresh one).
+BoxRequest = Callable[[Box, torch.dtype, Optional[torch.Tensor]], object]
 
 
 def grow_state_dict(plan: GrowthPlan, source: CheckpointInfo, requests: dict, read: Reader,
@@ -59,9 +59,9 @@ class Work:
 
 def prepare(plan: GrowthPlan, source_shapes: dict, requests: Iterable, optimizer_policy: str,
             source_objects: set, second: Optional[CheckpointInfo] = None,
-            box_request: BoxRequest = None) -> Work:
+            box_request: BoxRequest = box_request) -> Work:
     """Map every requested shard and object (other values are left alone); raises GrowthError
-    before anything is read. `box_request(box, into, dtype)`: the request that reads a source
+    before anything is read. `box_request(box, dtype, into)`: the request that reads a source
     box, as `read` takes it (default: `io.reader`'s)."""
     work = Work()
     object_requests: dict[str, tuple[str, ObjectRequest]] = {}
@@ -90,7 +90,7 @@ def prepare(plan: GrowthPlan, source_shapes: dict, requests: Iterable, optimizer
                                          optimizer_policy)))
     work.request.update({name: sh for name, sh in work.passthrough})
     work.object_request.update(object_requests.values())
-    _plan_reads(work, box_request or _box_request)
+    _plan_reads(work, box_request)
     merge.check_reads(work.boxes, second)
     logger.info("growth: %d target shards from %d source regions (%d passed through)",
                 len(work.fills), len(work.boxes), len(work.passthrough))
@@ -126,7 +126,7 @@ def _plan_reads(work: Work, box_request: BoxRequest) -> None:
     for i, box in enumerate(work.boxes):
         into = _local(holders[box][0]) if box in holders else None
         requests = work.second_request if box.second else work.request
-        requests[f"r{i}"] = box_request(box, into, dtypes[box])
+        requests[f"r{i}"] = box_request(box, dtypes[box], into)
 
 
 def execute(work: Work, plan: GrowthPlan, read: Reader, read_objects: Reader,
@@ -185,8 +185,3 @@ def _local(sh: TensorRequest) -> torch.Tensor:
     """The shard's data in its local shape (a previous torch_dist load leaves it viewed with
     the prepended axes as leading 1s)."""
     return sh.data.view(sh.local_shape)
-
-
-def _box_request(box: Box, data: Optional[torch.Tensor], dtype) -> TensorRequest:
-    return tensor_request(box.key, torch.empty(box.shape, dtype=dtype) if data is None else data,
-                          box.global_shape, box.global_offset, len(box.index))

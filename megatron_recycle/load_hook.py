@@ -135,7 +135,7 @@ class GrowthLoadStrategy(TorchDistLoadShardedStrategy):
         return loaded
 
 
-def _box_request(box: Box, data: Optional[torch.Tensor], dtype) -> ShardedTensor:
+def _box_request(box: Box, dtype, data: Optional[torch.Tensor]) -> ShardedTensor:
     """A read of `box` into `data` (a fresh tensor if None), as megatron-core's reader takes
     it: a regular grid over the unit, so the fragmentation is the unit over the box."""
     prepend = len(box.index)

@@ -211,10 +211,10 @@ def tensor_request(key: str, data: torch.Tensor, global_shape, global_offset, pr
     return TensorRequest(key, data, tuple(global_shape), tuple(global_offset), prepend_axis_num)
 
 
-def box_request(box: Box, dtype: torch.dtype):
-    """A read request for `read_boxes`: `box` into a fresh tensor of `dtype`."""
-    return tensor_request(box.key, torch.empty(box.shape, dtype=dtype), box.global_shape,
-                          box.global_offset, len(box.index))
+def box_request(box: Box, dtype: torch.dtype, into: Optional[torch.Tensor] = None):
+    """A read request for `read_boxes`: `box` into `into` (default: a fresh tensor of `dtype`)."""
+    return tensor_request(box.key, torch.empty(box.shape, dtype=dtype) if into is None else into,
+                          box.global_shape, box.global_offset, len(box.index))
 
 
 def read_boxes(checkpoint_dir, requests: dict) -> dict:
