@@ -13,7 +13,6 @@ optimizer's param groups are rebuilt from it); then one `.metadata`. No `metadat
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +23,7 @@ from ..errors import CheckpointError, GrowthError
 from ..provenance import KEY as PROVENANCE_KEY
 from .fsdp_dtensor import GROUP_META_PREFIX, OPTIMIZER_STATE_PREFIX, FsdpDtensorCheckpoint
 from .reader import StoredObject, read_stored
-from .writer import _properties, _write, fsync
+from .writer import _properties, _write, fsync, pickled
 
 
 class FsdpDtensorWriter:
@@ -107,7 +106,8 @@ class FsdpDtensorWriter:
         if PROVENANCE_KEY in common:
             flat[PROVENANCE_KEY], paths[PROVENANCE_KEY] = common[PROVENANCE_KEY], (PROVENANCE_KEY,)
         flat.update(self._group_meta(pieces, paths))
-        data = {MetadataIndex(name): _saved(value) for name, value in flat.items()}
+        # each object as torch DCP's default planner saves it (the object itself)
+        data = {MetadataIndex(name): pickled(value) for name, value in flat.items()}
         written = _write(out_dir, common_number, [WriteItem(index=i, type=WriteItemType.BYTE_IO) for i in data], data)
         fsync(out_dir / written[0].storage_data.relative_path)
         state: dict[str, Any] = {name: BytesStorageMetadata() for name in flat}
@@ -147,11 +147,3 @@ def _path(name: str) -> tuple[str, ...]:
         return (*head.split("."), f"module.{param}", field)
     head, _, param = name.partition(".")
     return head, param
-
-
-def _saved(value) -> io.BytesIO:
-    """An object as torch DCP's default planner saves it (the object itself)."""
-    buf = io.BytesIO()
-    torch.save(value, buf)
-    buf.seek(0)
-    return buf

@@ -115,8 +115,14 @@ def fsync(path: Path, drop_cache: bool = False) -> None:
 
 def object_bytes(obj) -> io.BytesIO:
     """Serialised as megatron-core's torch_dist save does (a one-element list)."""
+    return pickled([obj])
+
+
+def pickled(obj) -> io.BytesIO:
+    """`obj` as torch.save writes it, megatron-core enums read as stand-ins written back as
+    themselves (`safe_pickle.torch_save`)."""
     buf = io.BytesIO()
-    torch_save([obj], buf)
+    torch_save(obj, buf)
     buf.seek(0)
     return buf
 
