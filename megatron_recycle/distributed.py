@@ -43,9 +43,26 @@ def joined_from_environment(timeout_minutes: float = 30) -> Iterator[None]:
         yield
         if joined:
             dist.barrier()
+    except (GrowthError, CheckpointError):
+        # A `Job` raises these on every rank at once; leave together then too: the launcher
+        # stops the other ranks when the first one exits, which would cut rank 0 short while
+        # it removes its staging directory.
+        if joined:
+            _leave_together()
+        raise
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+def _leave_together(timeout: datetime.timedelta = datetime.timedelta(minutes=2)) -> None:
+    """A barrier that gives up (gloo names the ranks it missed) rather than hang."""
+    import torch.distributed as dist
+
+    try:
+        dist.monitored_barrier(timeout=timeout)
+    except RuntimeError:
+        pass  # a rank that did not come: the error being raised already says what failed
 
 
 @dataclass(frozen=True)
