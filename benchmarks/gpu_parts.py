@@ -142,6 +142,8 @@ def te_model(spec, seed: int, transformer_engine: bool = True, **config):
     with get_fp8_context(cfg, is_init=True) if cfg.fp8_param else contextlib.nullcontext():
         model = GPTModel(cfg, layer, vocab_size=spec.vocab, max_sequence_length=spec.seq,
                          position_embedding_type="rope")
+    if not transformer_engine:  # the local spec's torch norms are fp32: cast all, as Float16Module does
+        model = model.to(spec.dtype)
     return [model.cuda()]
 
 
@@ -224,12 +226,15 @@ def growth_plan(spec, alpha: float, zero_copy_outputs: bool = False):
                       WidthGrowth(2, noise_alpha=alpha, seed=7))
 
 
-def free(*objects) -> None:
+def free(*chunk_lists: list) -> None:
+    """Release models: the lists `te_model` returns are emptied, so the caller's names no
+    longer hold them (a `del` here would drop only this function's references)."""
     import gc
 
     import torch
 
-    del objects
+    for chunks in chunk_lists:
+        chunks.clear()
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -420,6 +425,11 @@ def part_te_growth(rec: Record, args) -> str:
 
     from megatron_recycle.testing import toy
 
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # e.g. a machine without the registry: TE cannot be installed there
+        rec.not_run(f"Transformer Engine not importable ({type(e).__name__}: {str(e)[:200]})")
+        return rec.data["summary"]
     init_nccl()
     spec = toy.ToySpec(num_layers=2, hidden=256, heads=8, ffn=512, experts=4, moe_ffn=256, topk=2,
                        vocab=1024, seq=128, dtype=torch.bfloat16)
@@ -559,37 +569,52 @@ def part_step_time(rec: Record, args) -> str:
             source_model=f"{spec.num_layers} layers x {spec.experts} experts, hidden {spec.hidden}",
             grown_model=f"{grown_spec.num_layers} layers x {grown_spec.experts} experts")
     results = {}
-    with rec.step("grown"):
+    # Each model built fresh, loaded, trained, freed; the fresh-init model first, so that the
+    # process's own warm-up (allocator growth, kernel selection) lands on none of the two
+    # compared; the checkpoint written before a timing is flushed first (os.sync).
+    with rec.step("fresh"):
         base = te_model(spec, seed=3, transformer_engine=use_te)
         source = save_source(base, spec, work / "step-source")
         free(base)
+        fresh = te_model(grown_spec, seed=5, transformer_engine=use_te)
+        results["fresh"] = _train_steps(fresh, grown_spec, args.steps, args.micro_batch)
+        free(fresh)
+    with rec.step("grown"):
         grown = te_model(grown_spec, seed=99, transformer_engine=use_te)
         params = sum(p.numel() for p in grown[0].parameters())
         rec.set(grown_params_b=params / 1e9, grown_weights_gb=params * 2 / 2**30)
+        os.sync()
         results["hook_load_s"] = _timed(lambda: grow(grown, plan, source))
         grown_ckpt = save_source(grown, grown_spec, work / "step-grown")  # for the plain load below
+        os.sync()
         results["grown"] = _train_steps(grown, grown_spec, args.steps, args.micro_batch)
         rec.set(**results)
         free(grown)
         shutil.rmtree(work / "step-source", ignore_errors=True)
-    with rec.step("fresh"):
-        fresh = te_model(grown_spec, seed=5, transformer_engine=use_te)
-        results["fresh"] = _train_steps(fresh, grown_spec, args.steps, args.micro_batch)
-        results["plain_load_s"] = _timed(lambda: load(fresh, grown_ckpt))
+    with rec.step("plain_loaded"):  # the grown weights loaded plainly: the grown model's routing
+        plain = te_model(grown_spec, seed=5, transformer_engine=use_te)
+        results["plain_load_s"] = _timed(lambda: load(plain, grown_ckpt))
+        results["plain_loaded"] = _train_steps(plain, grown_spec, args.steps, args.micro_batch)
         rec.set(**results)
-        free(fresh)
+        free(plain)
         shutil.rmtree(work / "step-grown", ignore_errors=True)
-    g, f = results["grown"], results["fresh"]
-    step_ratio = g["step_s_median"] / f["step_s_median"]
-    memory_ratio = g["peak_memory_gb"] / f["peak_memory_gb"]
+    g, p, f = results["grown"], results["plain_loaded"], results["fresh"]
+    step_ratio = g["step_s_median"] / p["step_s_median"]
+    memory_ratio = g["peak_memory_gb"] / p["peak_memory_gb"]
     load_ratio = results["hook_load_s"] / results["plain_load_s"]
-    rec.set(step_time_ratio=step_ratio, peak_memory_ratio=memory_ratio, hook_over_plain_load=load_ratio)
-    rec.check("grown model's step time equals a freshly initialised one's (within 10%)",
-              0.9 <= step_ratio <= 1.1, grown_s=g["step_s_median"], fresh_s=f["step_s_median"])
-    rec.check("grown model's peak memory equals a freshly initialised one's (within 5%)",
-              0.95 <= memory_ratio <= 1.05, grown_gb=g["peak_memory_gb"], fresh_gb=f["peak_memory_gb"])
-    return (f"step {g['step_s_median'] * 1e3:.0f} vs {f['step_s_median'] * 1e3:.0f} ms, peak "
-            f"{g['peak_memory_gb']:.1f} vs {f['peak_memory_gb']:.1f} GB (grown vs fresh); load: hook "
+    rec.set(step_time_ratio=step_ratio, peak_memory_ratio=memory_ratio, hook_over_plain_load=load_ratio,
+            step_time_ratio_vs_fresh_init=g["step_s_median"] / f["step_s_median"],
+            peak_memory_ratio_vs_fresh_init=g["peak_memory_gb"] / f["peak_memory_gb"])
+    # Against the same weights loaded plainly: growth at load must leave nothing that slows
+    # training. A freshly initialised model routes tokens differently (dropless MoE: other
+    # per-expert GEMM sizes), so its ratios are reported, not held to 1.
+    rec.check("grown model's step time equals the same weights loaded plainly (within 10%)",
+              0.9 <= step_ratio <= 1.1, grown_s=g["step_s_median"], plain_loaded_s=p["step_s_median"])
+    rec.check("grown model's peak memory equals the same weights loaded plainly (within 5%)",
+              0.95 <= memory_ratio <= 1.05, grown_gb=g["peak_memory_gb"], plain_loaded_gb=p["peak_memory_gb"])
+    return (f"step {g['step_s_median'] * 1e3:.0f} ms grown vs {p['step_s_median'] * 1e3:.0f} plain-loaded vs "
+            f"{f['step_s_median'] * 1e3:.0f} fresh init; peak {g['peak_memory_gb']:.1f} / "
+            f"{p['peak_memory_gb']:.1f} / {f['peak_memory_gb']:.1f} GB; load: hook "
             f"{results['hook_load_s']:.1f} s vs plain {results['plain_load_s']:.1f} s "
             f"({rec.data['results']['grown_weights_gb']:.1f} GB of weights)")
 

@@ -171,7 +171,7 @@ def _router_stats(run) -> dict:
         hook.remove()
     load = torch.stack(loads).sum(0) if loads else torch.zeros(run.spec.experts)
     stats = torch.tensor([float(sum(cosines)) if cosines else 0.0, float(len(cosines))] + load.tolist(),
-                         dtype=torch.float64)
+                         dtype=torch.float64, device=pretrain_moe.collective_device())
     dist.all_reduce(stats)
     share = stats[2:] / stats[2:].sum()
     entropy = float(-(share * share.clamp_min(1e-12).log()).sum() / math.log(len(share)))

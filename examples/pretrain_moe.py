@@ -163,6 +163,10 @@ def build_run(args, spec: toy.ToySpec, layout: toy.Layout) -> Run:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     toy.init_parallel(layout)
+    if torch.cuda.is_available():  # the CUDA RNG tracker that attention dropout and TP init fork
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(args.seed)
     chunks = toy.build(spec, layout, seed=args.seed)
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
@@ -223,6 +227,11 @@ def forward_step(data_iterator, model):
     return per_token, loss_func
 
 
+def collective_device() -> str:
+    """Where a tensor for a collective lives: NCCL takes CUDA tensors only, gloo CPU ones."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _forward_backward(run: Run, batches, forward_only: bool) -> Optional[float]:
     """Mean loss over `batches` on every rank (computed on the last pipeline stage)."""
     from megatron.core import parallel_state as ps
@@ -236,7 +245,7 @@ def _forward_backward(run: Run, batches, forward_only: bool) -> Optional[float]:
     # One contribution per data-parallel replica: last stage, first tensor-parallel rank.
     counts = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     total = torch.tensor([sum(float(x["lm loss"]) for x in losses) if counts else 0.0,
-                          len(losses) if counts else 0.0], dtype=torch.float64)
+                          len(losses) if counts else 0.0], dtype=torch.float64, device=collective_device())
     dist.all_reduce(total)
     return float(total[0] / total[1])
 
