@@ -23,7 +23,7 @@ from ..errors import CheckpointError, GrowthError
 from ..provenance import KEY as PROVENANCE_KEY
 from .fsdp_dtensor import GROUP_META_PREFIX, OPTIMIZER_STATE_PREFIX, FsdpDtensorCheckpoint
 from .reader import StoredObject, read_stored
-from .writer import _properties, _write, fsync, pickled
+from .writer import fsync, pickled, tensor_properties, write_items
 
 
 class FsdpDtensorWriter:
@@ -68,9 +68,9 @@ class FsdpDtensorWriter:
             for name, chunk, size, rows in self._stored(piece):
                 index = MetadataIndex(name, chunk.offsets)
                 items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                    chunk=chunk, properties=_properties(piece.dtype), size=size)))
+                    chunk=chunk, properties=tensor_properties(piece.dtype), size=size)))
                 data[index] = tensor if rows is None else tensor.narrow(0, *rows).contiguous()
-        return _write(out_dir, number, items, data)
+        return write_items(out_dir, number, items, data)
 
     def _stored(self, piece):
         """Where one torch_dist piece is stored: (name, chunk, the name's global shape, the
@@ -108,12 +108,12 @@ class FsdpDtensorWriter:
         flat.update(self._group_meta(pieces, paths))
         # each object as torch DCP's default planner saves it (the object itself)
         data = {MetadataIndex(name): pickled(value) for name, value in flat.items()}
-        written = _write(out_dir, common_number, [WriteItem(index=i, type=WriteItemType.BYTE_IO) for i in data], data)
+        written = write_items(out_dir, common_number, [WriteItem(index=i, type=WriteItemType.BYTE_IO) for i in data], data)
         fsync(out_dir / written[0].storage_data.relative_path)
         state: dict[str, Any] = {name: BytesStorageMetadata() for name in flat}
         for piece in pieces:
             for name, chunk, size, _ in self._stored(piece):
-                md = state.setdefault(name, TensorStorageMetadata(_properties(piece.dtype), size, []))
+                md = state.setdefault(name, TensorStorageMetadata(tensor_properties(piece.dtype), size, []))
                 md.chunks.append(chunk)
                 paths[name] = _path(name)
         writer = FileSystemWriter(out_dir, single_file_per_rank=True)

@@ -35,16 +35,18 @@ def write_batch(out_dir: Path, number: int, pieces: Sequence[Piece], objects: Se
         chunk = _chunk(piece)
         index = MetadataIndex(piece.box.key, chunk.offsets)
         items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-            chunk=chunk, properties=_properties(piece.dtype), size=torch.Size(piece.box.global_shape))))
+            chunk=chunk, properties=tensor_properties(piece.dtype), size=torch.Size(piece.box.global_shape))))
         data[index] = values[f"t{i}"].reshape(chunk.sizes)
     for i, obj in enumerate(objects):
         index = MetadataIndex(obj.storage_key)
         items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
         data[index] = object_bytes(values[f"o{i}"])
-    return _write(out_dir, number, items, data)
+    return write_items(out_dir, number, items, data)
 
 
-def _write(out_dir: Path, number: int, items: list, data: dict) -> list:
+def write_items(out_dir: Path, number: int, items: list, data: dict) -> list:
+    """torch DCP write items (`data`: index → tensor or bytes) into batch file `number`,
+    unsynced; any format built on DCP's files (torch_dist, fsdp_dtensor) writes through this."""
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import _StoragePrefix
     from torch.distributed.checkpoint.planner import SavePlan
@@ -73,7 +75,7 @@ def finish(out_dir: Path, pieces: Sequence[Piece], objects: Sequence[ObjectRef],
     if compat.saves_common_state_object():
         key = compat.common_state_storage_key()
         index = MetadataIndex(key)
-        written = _write(out_dir, common_number, [WriteItem(index=index, type=WriteItemType.BYTE_IO)],
+        written = write_items(out_dir, common_number, [WriteItem(index=index, type=WriteItemType.BYTE_IO)],
                          {index: object_bytes(common)})
         fsync(out_dir / written[0].storage_data.relative_path)
         results.append(written)
@@ -140,13 +142,14 @@ def _metadata(pieces: Sequence[Piece], objects: Sequence[ObjectRef]):
     state = {}
     for piece in pieces:
         md = state.setdefault(piece.box.key, TensorStorageMetadata(
-            _properties(piece.dtype), torch.Size(piece.box.global_shape), []))
+            tensor_properties(piece.dtype), torch.Size(piece.box.global_shape), []))
         md.chunks.append(_chunk(piece))
     state.update({o.storage_key: BytesStorageMetadata() for o in objects})
     return Metadata(state_dict_metadata=state)
 
 
-def _properties(dtype: torch.dtype):
+def tensor_properties(dtype: torch.dtype):
+    """DCP's per-tensor properties: the dtype alone, as megatron-core's save records it."""
     from torch.distributed.checkpoint.metadata import TensorProperties
 
     return TensorProperties(dtype=dtype)
