@@ -3,6 +3,7 @@
     bash benchmarks/gpu_check.sh                  # install the pinned stack, run every part
     bash benchmarks/gpu_check.sh --dry-run        # the plan and its time budget; runs nothing
     bash benchmarks/gpu_check.sh --parts te_growth,step_time --python .venv-gpu/bin/python
+    bash benchmarks/gpu_check.sh --wheels wheels/  # no registry: the machine's torch + carried wheels
 
 Made for one H100/H200 machine that starts bare (Python 3.12 with pip, the CUDA driver, the
 package registry and nothing else): it makes `.venv-gpu` with the pinned stack (Transformer
@@ -17,6 +18,12 @@ after every part, and a table is printed at the end. Parts (`benchmarks/gpu_part
   te_growth   TE-spec grouped-GEMM MoE grown at load: logits at alpha 0, FP8 _extra_state, FP8 params
   step_time   grown vs freshly initialised: 20 training steps (time, memory); hook vs plain load time
   paper       examples/paper_findings.py sized to the time left
+
+On a GPU machine without the package registry, `--wheels DIR` installs the wheels in DIR
+(offline, into OUT/site) for the interpreter `--python` names (default python3, with its own
+torch) instead of the pinned stack; fetch them where the registry is reachable with
+`pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+--platform manylinux_2_28_x86_64 -d DIR megatron-core==0.19.2`.
 
 Only the standard library is imported here: this runs before anything is installed.
 """
@@ -112,6 +119,24 @@ def install_te_command(ctx: Context) -> list[str]:
         f"{py} -c 'import transformer_engine.pytorch as te, transformer_engine; "
         "print(\"transformer_engine\", transformer_engine.__version__)'",
     ])]
+
+
+def install_wheels_command(ctx: Context) -> list[str]:
+    wheels = sorted(str(w) for w in Path(ctx.args.wheels).glob("*.whl"))
+    return [ctx.python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
+            "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target", str(site_dir(ctx.out)),
+            *wheels]
+
+
+def site_dir(out: Path) -> Path:
+    return out / "site"
+
+
+def with_wheels(plan: list[Part]) -> list[Part]:
+    """`--wheels`: the carried wheels installed first; every other part waits for them."""
+    install = Part("install_wheels", "pip --no-index: the carried wheels, for the machine's own torch",
+                   60, install_wheels_command, min_s=10)
+    return [install] + [dataclasses.replace(p, needs=(*p.needs, install.name)) for p in plan]
 
 
 def part_command(name: str, *extra: str) -> Callable[[Context], list[str]]:
@@ -357,11 +382,19 @@ def parse_args(argv=None):
                    help="run the parts in this interpreter (its stack already installed: no installs)")
     p.add_argument("--venv", type=Path, default=None, help="where the install makes its venv "
                    "(default: .venv-gpu at the repository root)")
+    p.add_argument("--wheels", type=Path, default=None,
+                   help="a machine without the package registry: install the wheels in this "
+                   "directory for --python (default python3) instead of the pinned stack")
     p.add_argument("--dry-run", action="store_true", help="print the plan and budget, run nothing")
     p.add_argument("part_args", nargs="*", help="after --: passed to every part (gpu_parts.py --help)")
     args = p.parse_args(argv)
     if args.budget_s <= 0:
         raise UsageError(f"--budget-s {args.budget_s:g}: give a positive number of seconds")
+    if args.wheels is not None:
+        if not any(args.wheels.glob("*.whl")):
+            raise UsageError(f"--wheels {args.wheels}: no .whl files there; download them where the "
+                             "registry is reachable (see --help)")
+        args.python = args.python or "python3"
     if args.python is not None and shutil.which(args.python) is None:
         raise UsageError(f"--python {args.python}: no such interpreter; give the path of one "
                          "with the stack installed, or leave it out to install one")
@@ -372,6 +405,8 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         plan = select(parts(), args.parts, args.python is not None)
+        if args.wheels is not None:
+            plan = with_wheels(plan)
     except UsageError as e:
         print(f"gpu_check: {e}", file=sys.stderr)
         return 2
@@ -383,7 +418,8 @@ def main(argv=None) -> int:
     venv = (args.venv or ROOT / ".venv-gpu").resolve()
     args.venv = venv
     python = args.python or str(venv / "bin" / "python")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    paths = [str(ROOT), str(site_dir(out)) if args.wheels is not None else None, os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)),
                TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
     ctx = Context(out=out, python=python, env=env, args=args)
     out.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,26 @@ def test_parts_selects_and_python_drops_the_installs():
     assert plan[1].needs == ()  # the given interpreter is taken as installed
 
 
+def test_wheels_install_first_offline_for_the_given_interpreter_and_every_part_waits(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    args = gpu_check.parse_args(["--wheels", str(wheels), "--out", str(tmp_path / "out")])
+    assert args.python == "python3"
+    plan = gpu_check.with_wheels(gpu_check.select(gpu_check.parts(), None, python_given=True))
+    assert plan[0].name == "install_wheels" and not any(p.name in ("install", "install_te") for p in plan)
+    assert all("install_wheels" in p.needs for p in plan[1:])
+    ctx = Context(out=tmp_path / "out", python="python3", env={}, args=args)
+    argv = plan[0].command(ctx)
+    assert argv[:4] == ["python3", "-m", "pip", "install"] and "--no-index" in argv and "--no-deps" in argv
+    assert argv[argv.index("--target") + 1] == str(tmp_path / "out" / "site")
+    assert argv[-1].endswith(".whl")
+    proc = _cli("--dry-run", "--wheels", str(wheels))
+    assert proc.returncode == 0 and proc.stdout.index("install_wheels") < proc.stdout.index("env "), proc.stdout
+
+
 @pytest.mark.parametrize("args, flag", [(["--parts", "env,nope"], "--parts"),
+                                        (["--wheels", "/nonexistent/wheels"], "--wheels"),
                                         (["--budget-s", "0"], "--budget-s"),
                                         (["--python", "/nonexistent/python"], "--python")])
 def test_bad_flags_are_one_line_exit_2(tmp_path, args, flag):
