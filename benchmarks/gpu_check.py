@@ -88,7 +88,7 @@ class Context:
 # --- the parts ---------------------------------------------------------------------------------
 def _pip(ctx: Context, *packages: str, flags: tuple[str, ...] = ()) -> str:
     return " ".join([shlex.quote(ctx.python), "-m", "pip", "install", "--no-input",
-                     "--disable-pip-version-check", *flags, *map(shlex.quote, packages)])
+                     "--disable-pip-version-check", *map(shlex.quote, (*flags, *packages))])
 
 
 def install_command(ctx: Context) -> list[str]:
@@ -123,9 +123,8 @@ def install_te_command(ctx: Context) -> list[str]:
 
 def install_wheels_command(ctx: Context) -> list[str]:
     wheels = sorted(str(w) for w in Path(ctx.args.wheels).glob("*.whl"))
-    return [ctx.python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
-            "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target", str(site_dir(ctx.out)),
-            *wheels]
+    return ["bash", "-c", _pip(ctx, *wheels, flags=("--no-index", "--no-deps", "--no-compile", "--upgrade",
+                                                    "--target", str(site_dir(ctx.out))))]
 
 
 def site_dir(out: Path) -> Path:

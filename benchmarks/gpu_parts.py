@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -226,6 +227,15 @@ def growth_plan(spec, alpha: float, zero_copy_outputs: bool = False):
                       WidthGrowth(2, noise_alpha=alpha, seed=7))
 
 
+def transformer_engine_missing() -> Optional[str]:
+    """Why Transformer Engine's torch API cannot be imported here, or None if it can."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # e.g. a machine without the registry: TE cannot be installed there
+        return f"not importable ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
 def free(*chunk_lists: list) -> None:
     """Release models: the lists `te_model` returns are emptied, so the caller's names no
     longer hold them (a `del` here would drop only this function's references)."""
@@ -267,12 +277,8 @@ def part_env(rec: Record, args) -> str:
             versions[dist] = None
     rec.set(versions=versions, python=sys.version.split()[0], cuda_available=torch.cuda.is_available(),
             torch_cuda=torch.version.cuda)
-    try:  # not an error here: te_growth is not run without it, and says so
-        import transformer_engine.pytorch  # noqa: F401
-
-        te = versions["transformer-engine"] or "?"
-    except Exception as e:
-        te = f"not importable ({type(e).__name__}: {str(e)[:200]})"
+    # not an error here: te_growth is not run without it, and says so
+    te = transformer_engine_missing() or versions["transformer-engine"] or "?"
     rec.set(transformer_engine=te)
     if not torch.cuda.is_available():
         return f"torch {torch.__version__}, no CUDA; TE {te}"
@@ -425,10 +431,9 @@ def part_te_growth(rec: Record, args) -> str:
 
     from megatron_recycle.testing import toy
 
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as e:  # e.g. a machine without the registry: TE cannot be installed there
-        rec.not_run(f"Transformer Engine not importable ({type(e).__name__}: {str(e)[:200]})")
+    missing = transformer_engine_missing()
+    if missing:
+        rec.not_run(f"Transformer Engine {missing}")
         return rec.data["summary"]
     init_nccl()
     spec = toy.ToySpec(num_layers=2, hidden=256, heads=8, ffn=512, experts=4, moe_ffn=256, topk=2,
@@ -554,11 +559,7 @@ def part_step_time(rec: Record, args) -> str:
     from megatron_recycle.testing import toy
 
     init_nccl()
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-        use_te = True
-    except Exception:
-        use_te = False
+    use_te = transformer_engine_missing() is None
     h = args.step_hidden
     spec = toy.ToySpec(num_layers=args.step_layers, hidden=h, heads=max(1, h // 128), ffn=4 * h,
                        experts=args.step_experts, moe_ffn=h, topk=2, vocab=32768, seq=args.step_seq,
@@ -572,10 +573,11 @@ def part_step_time(rec: Record, args) -> str:
     # Each model built fresh, loaded, trained, freed; the fresh-init model first, so that the
     # process's own warm-up (allocator growth, kernel selection) lands on none of the two
     # compared; the checkpoint written before a timing is flushed first (os.sync).
-    with rec.step("fresh"):
+    with rec.step("source"):
         base = te_model(spec, seed=3, transformer_engine=use_te)
         source = save_source(base, spec, work / "step-source")
         free(base)
+    with rec.step("fresh"):
         fresh = te_model(grown_spec, seed=5, transformer_engine=use_te)
         results["fresh"] = _train_steps(fresh, grown_spec, args.steps, args.micro_batch)
         free(fresh)

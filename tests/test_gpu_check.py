@@ -4,6 +4,7 @@ need CUDA and say so without it."""
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -146,7 +147,7 @@ def test_wheels_install_first_offline_for_the_given_interpreter_and_every_part_w
     assert plan[0].name == "install_wheels" and not any(p.name in ("install", "install_te") for p in plan)
     assert all("install_wheels" in p.needs for p in plan[1:])
     ctx = Context(out=tmp_path / "out", python="python3", env={}, args=args)
-    argv = plan[0].command(ctx)
+    argv = shlex.split(plan[0].command(ctx)[-1])
     assert argv[:4] == ["python3", "-m", "pip", "install"] and "--no-index" in argv and "--no-deps" in argv
     assert argv[argv.index("--target") + 1] == str(tmp_path / "out" / "site")
     assert argv[-1].endswith(".whl")
