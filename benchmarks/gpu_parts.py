@@ -689,7 +689,7 @@ def parse_args(argv=None):
     p.add_argument("--step-layers", type=int, default=4, help="step_time: source layers (grown x2)")
     p.add_argument("--step-experts", type=int, default=16, help="step_time: source experts (grown x2)")
     p.add_argument("--step-hidden", type=int, default=2048,
-                   help="step_time: hidden size (the grown weights: about 7 GB bf16 by default)")
+                   help="step_time: hidden size (the grown weights: 6.5 GB bf16 by default)")
     p.add_argument("--step-seq", type=int, default=1024, help="step_time: sequence length")
     return p.parse_args(argv)
 
