@@ -116,12 +116,14 @@ def test_inspect_plan_and_norms_read_a_legacy_source(legacy, tmp_path):
         merge.read_second(CheckpointInfo.read(legacy / "tp2-ep2-dist"), legacy / "tp2-ep2-torch")
 
 
-def test_grown_legacy_source_keeps_the_function_in_another_layout(ranks, legacy):
+@pytest.mark.parametrize("name", ["tp2-ep2", "tp2-pp2"])
+def test_grown_legacy_source_keeps_the_function_in_another_layout(ranks, legacy, name):
     """alpha = 0, zero-initialised depth copies, top-k x 2: the grown checkpoint, loaded plainly
     by megatron-core at TP1 EP2, gives the source's logits."""
-    cli("grow", "--load", legacy / "tp2-ep2-torch", "--save", legacy / "grown-ep", *EXACT_FLAGS)
-    assert "verify: OK" in cli("verify", "--source", legacy / "tp2-ep2-torch", "--grown", legacy / "grown-ep").stdout
-    ranks("legacy_torch.py", 2, "logits", legacy / "tp2-ep2-dist" / ITER, legacy / "grown-ep" / ITER, legacy)
+    grown = legacy / f"grown-exact-{name}"
+    cli("grow", "--load", legacy / f"{name}-torch", "--save", grown, *EXACT_FLAGS)
+    assert "verify: OK" in cli("verify", "--source", legacy / f"{name}-torch", "--grown", grown).stdout
+    ranks("legacy_torch.py", 2, "logits", legacy / f"{name}-dist" / ITER, grown / ITER, legacy)
     error = json.loads((legacy / "logits.json").read_text())
     assert error <= 1e-5, f"relative logit error {error:.3g}"
 
